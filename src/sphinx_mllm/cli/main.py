@@ -1,0 +1,47 @@
+"""`sphinx-mllm` entry point: builds the argparse tree from the per-area modules and maps
+`SphinxError` (bad input) to a one-line message and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from sphinx_mllm.utils.errors import SphinxError
+from sphinx_mllm.utils.logging import configure_logging
+
+# Each module exposes `register(subparsers)` and sets `func` on its parsers.
+_AREAS: tuple[str, ...] = ("sphinx_mllm.cli.info", "sphinx_mllm.cli.data", "sphinx_mllm.cli.eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+    import importlib.util
+
+    parser = argparse.ArgumentParser(prog="sphinx-mllm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for area in _AREAS:
+        if importlib.util.find_spec(area) is None:  # an area not built yet
+            continue
+        importlib.import_module(area).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level.upper())
+    func: Callable[[argparse.Namespace], int | None] = args.func
+    try:
+        return int(func(args) or 0)
+    except SphinxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

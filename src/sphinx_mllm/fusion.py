@@ -1,0 +1,78 @@
+"""L3: the release's fusion of encoder tokens into the LLM's image tokens.
+
+Per view (SPHINX.md section 3): each fusion group aligns its encoders to a common grid (a spatial map
+is nearest-upsampled and gets its mean as a leading "CLS"), concatenates them along channels (config
+order: CLIP | ConvNeXt | DINOv2), and projects with Linear + LayerNorm. Groups follow each other along the
+sequence (Q-Former first), and every view is wrapped by the learned `start_img` / `end_img` vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sphinx_mllm.config import EncoderSpec, FusionGroup, SphinxConfig
+
+
+def align_to_grid(tokens: torch.Tensor, spec: EncoderSpec, grid: int) -> torch.Tensor:
+    """[N, T, C] -> [N, 1 + grid*grid, C]: nearest-upsample the spatial tokens, keep or make a CLS.
+
+    A map without CLS gets the mean of the (upsampled) map, as the release does for ConvNeXt.
+    """
+    src = spec.grid
+    assert src is not None
+    cls, spatial = (tokens[:, :1], tokens[:, 1:]) if spec.has_cls else (None, tokens)
+    if src != grid:
+        factor = grid // src
+        n, _, c = spatial.shape
+        fmap = spatial.reshape(n, src, src, c)  # [N, g, g, C]
+        fmap = fmap.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # [N, G, G, C]
+        spatial = fmap.reshape(n, grid * grid, c)
+    if cls is None:
+        cls = spatial.mean(dim=1, keepdim=True)
+    return torch.cat([cls, spatial], dim=1)
+
+
+class Projection(nn.Sequential):
+    """Linear(in -> dim, bias) then LayerNorm(dim): keys `.0.weight`, `.0.bias`, `.1.weight`, `.1.bias`."""
+
+    def __init__(self, in_features: int, dim: int) -> None:
+        super().__init__(nn.Linear(in_features, dim), nn.LayerNorm(dim))
+
+
+class Fusion(nn.Module):
+    """Encoder features of all views -> image tokens [B, V * tokens_per_view, dim]."""
+
+    def __init__(self, config: SphinxConfig) -> None:
+        super().__init__()
+        dim = config.text_config.hidden_size
+        self.num_views = config.num_views
+        self.specs = {s.name: s for s in config.encoder_specs}
+        self.groups: list[tuple[FusionGroup, int | None]] = [(g, config.group_grid(g)) for g in config.fusion_groups]
+        self.projections = nn.ModuleDict({g.name: Projection(config.group_width(g), dim) for g, _ in self.groups})
+        # Shared by all views; the release initialises them uniform in [0, 1).
+        self.start_img = nn.Parameter(torch.rand(1, 1, dim))
+        self.end_img = nn.Parameter(torch.rand(1, 1, dim))
+        self.tokens_per_view = config.tokens_per_view
+
+    def group_tokens(self, group: FusionGroup, grid: int | None, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate one group's encoders along channels. -> [N, T_g, sum C_e]"""
+        members = [feats[name] for name in group.encoders]
+        if len(members) == 1 and (group.grid is None or self.specs[group.encoders[0]].grid is None):
+            return members[0]
+        assert grid is not None
+        aligned = [align_to_grid(f, self.specs[n], grid) for n, f in zip(group.encoders, members)]
+        return torch.cat(aligned, dim=-1)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{encoder: [B * V, T_e, C_e]} -> [B, V * tokens_per_view, dim]"""
+        seq = []
+        for group, grid in self.groups:
+            proj = self.projections[group.name]
+            tokens = self.group_tokens(group, grid, feats)
+            seq.append(proj(tokens.to(proj[0].weight.dtype)))  # [N, T_g, dim]
+        body = torch.cat(seq, dim=1)  # [N, sum T_g, dim]
+        n = body.shape[0]
+        view_tokens = torch.cat([self.start_img.expand(n, -1, -1), body, self.end_img.expand(n, -1, -1)], dim=1)
+        batch = n // self.num_views
+        return view_tokens.reshape(batch, self.num_views * view_tokens.shape[1], -1)  # view 0 first

@@ -1,0 +1,167 @@
+"""L4: `SphinxForConditionalGeneration`, a Hugging Face-native SPHINX model.
+
+Sequence layout (the release's): [BOS] [image tokens of all views, view 0 first] [text]. The processor
+puts exactly `config.num_image_tokens` placeholder ids (`config.image_token_id`) after BOS; this model
+scatters the fused image vectors into those positions and hands `inputs_embeds` to the transformers causal
+LM (LLaMA or Mixtral), which does the rest: RoPE positions run through the image tokens, attention is
+causal everywhere, and the loss is the LM's shifted cross-entropy over labels != -100.
+
+Everything users run on transformers models works here: `generate` (KV cache, batched with left padding,
+stop strings), `save_pretrained` / `from_pretrained` (safetensors shards), `device_map`, PEFT, gradient
+checkpointing, SDPA / flash attention through the LLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from sphinx_mllm.config import SphinxConfig
+from sphinx_mllm.fusion import Fusion
+from sphinx_mllm.utils.errors import SphinxError
+from sphinx_mllm.vision.encoders import Blip2QFormerEncoder
+from sphinx_mllm.vision.tower import VisionTower
+
+
+class SphinxPreTrainedModel(PreTrainedModel):
+    config: SphinxConfig
+    config_class = SphinxConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "MixtralDecoderLayer", "VisionTower"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Fusion):
+            nn.init.uniform_(module.start_img, 0.0, 1.0)
+            nn.init.uniform_(module.end_img, 0.0, 1.0)
+        elif isinstance(module, Blip2QFormerEncoder):
+            nn.init.normal_(module.query_tokens, std=0.02)
+
+
+class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
+    """SPHINX: frozen encoders -> fusion -> placeholders of a transformers causal LM."""
+
+    def __init__(self, config: SphinxConfig) -> None:
+        super().__init__(config)
+        self.vision = VisionTower(config) if config.encoders else None
+        self.fusion = Fusion(config) if config.encoders else None
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- plumbing expected by transformers (generate, resize, PEFT) --------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # -- images -----------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, S, S] -> image tokens [B, num_image_tokens, dim]."""
+        if self.vision is None or self.fusion is None:
+            raise SphinxError("this model has no vision encoders; it cannot take pixel_values")
+        size = self.config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise SphinxError(f"pixel_values must be [num_images, 3, {size}, {size}] for this model, "
+                              f"got {list(pixel_values.shape)}")
+        feats = self.vision(pixel_values)  # {encoder: [B * V, T_e, C_e]}
+        return self.fusion(feats)  # [B, V * tokens_per_view, dim]
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     image_features: torch.Tensor | None = None, prefill: bool = True) -> torch.Tensor:
+        """Token embeddings with the fused image vectors scattered into the placeholder positions.
+
+        input_ids [B, L] -> [B, L, dim]. `image_features` ([num_images, N, dim]) may replace
+        `pixel_values` (cached encoder features, precomputed tokens).
+        """
+        image_mask = input_ids == self.config.image_token_id  # [B, L]
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        if image_features is None and pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        if image_features is None:
+            n_placeholders = int(image_mask.sum())
+            if prefill and n_placeholders and self.config.encoders:
+                raise SphinxError(f"input_ids hold {n_placeholders} image placeholder tokens but no pixel_values "
+                                  "were given")
+            return embeds
+        n_placeholders = int(image_mask.sum())
+        n_vectors = image_features.shape[0] * image_features.shape[1]
+        if n_placeholders != n_vectors:
+            raise SphinxError(
+                f"image placeholders and image features disagree: {n_placeholders} placeholder tokens in input_ids, "
+                f"{n_vectors} fused image vectors ({image_features.shape[0]} images x {image_features.shape[1]} "
+                f"tokens each; config.num_image_tokens = {self.config.num_image_tokens})"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), image_features.to(embeds.dtype))
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Any | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        image_features: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Loss and logits; `labels` use -100 for positions outside the loss (image, prompt, padding)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise SphinxError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            prefill = cache is None or cache.get_seq_length() == 0
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, prefill=prefill)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    # -- sizes, for `sphinx-mllm info` --------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, Any]:
+        """{"llm": n, "projector": n, "encoders": {name: n}}; projector = neither LLM nor encoder."""
+        def count(module: nn.Module | None) -> int:
+            return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+        encoders = {name: count(enc) for name, enc in self.vision.encoders.items()} if self.vision else {}
+        total = count(self)
+        llm = count(self.language_model)
+        return {"llm": llm, "projector": total - llm - sum(encoders.values()), "encoders": encoders}
+
+
+AutoConfig.register("sphinx", SphinxConfig, exist_ok=True)
+AutoModelForImageTextToText.register(SphinxConfig, SphinxForConditionalGeneration, exist_ok=True)
+
+__all__ = ["SphinxForConditionalGeneration", "SphinxPreTrainedModel"]
