@@ -64,6 +64,13 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> SphinxForConditionalGeneration:
+        model = super().from_pretrained(*args, **kwargs)
+        if model.vision is not None:
+            model.vision.apply_freeze()  # loading replaces parameters, and with them requires_grad
+        return model
+
     # -- plumbing expected by transformers (generate, resize, PEFT) --------------------------------
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -130,10 +137,15 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         image_features: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Loss and logits; `labels` use -100 for positions outside the loss (image, prompt, padding)."""
+        """Loss and logits; `labels` use -100 for positions outside the loss (image, prompt, padding).
+
+        `image_sizes` (from the processor) is accepted and unused here: inference maps boxes with it.
+        """
+        del image_sizes
         if (input_ids is None) == (inputs_embeds is None):
             raise SphinxError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:

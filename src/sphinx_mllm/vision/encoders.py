@@ -39,12 +39,6 @@ class VisionEncoder(nn.Module):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
         self.spec = spec
-        if spec.normalization == "imagenet":
-            # x_imagenet = (x_clip * clip_std + clip_mean - imagenet_mean) / imagenet_std, as the release does.
-            scale = torch.tensor(CLIP_STD) / torch.tensor(IMAGENET_STD)
-            shift = (torch.tensor(CLIP_MEAN) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-            self.register_buffer("renorm_scale", scale.view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("renorm_shift", shift.view(1, 3, 1, 1), persistent=False)
 
     # -- the contract ------------------------------------------------------------------------------
     @property
@@ -67,7 +61,11 @@ class VisionEncoder(nn.Module):
         """Resize to the tower's input size and convert the normalisation. [N, 3, v, v] -> [N, 3, s, s]"""
         x = resize_square(views, self.spec.input_size, self.spec.input_resize)
         if self.spec.normalization == "imagenet":
-            x = x * self.renorm_scale.to(x.dtype) + self.renorm_shift.to(x.dtype)
+            # x_imagenet = (x_clip * clip_std + clip_mean - imagenet_mean) / imagenet_std, as the release does.
+            # Constants, not buffers: nothing to save, nothing left uninitialised by meta-device loading.
+            clip_mean, clip_std, mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                                              for v in (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD))
+            x = (x * clip_std + clip_mean - mean) / std
         return x
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
@@ -124,9 +122,9 @@ class Blip2QFormerEncoder(VisionEncoder):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         image_embeds = self.vision_model(pixel_values=pixels).last_hidden_state  # [N, P, C_vis]
-        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # [N, Q, C_q]
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask)
+        # Every image patch is valid: no encoder mask (the same as an all-ones mask, and cheaper).
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds)
         return out.last_hidden_state.to(pixels.dtype)  # [N, Q, C_q]
 
 

@@ -20,6 +20,10 @@ class VisionTower(nn.Module):
         self.view_grid = config.view_grid
         self.frozen = config.freeze_encoders
         self.encoders = nn.ModuleDict({spec.name: build_encoder(spec) for spec in config.encoder_specs})
+        self.apply_freeze()
+
+    def apply_freeze(self) -> None:
+        """(Re)apply the frozen state; loaders that replace parameters call this again."""
         if self.frozen:
             self.requires_grad_(False)
             self.eval()
