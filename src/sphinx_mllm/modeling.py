@@ -13,6 +13,9 @@ checkpointing, SDPA / flash attention through the LLM.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +69,11 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> SphinxForConditionalGeneration:
+        """transformers' loader, plus foreign layouts (release folders) through registered readers."""
+        if args and isinstance(args[0], (str, os.PathLike)) and Path(args[0]).is_dir():
+            for detect, load in _CHECKPOINT_READERS:
+                if detect(Path(args[0])):
+                    return load(Path(args[0]), *args[1:], **kwargs)
         model = super().from_pretrained(*args, **kwargs)
         if model.vision is not None:
             model.vision.apply_freeze()  # loading replaces parameters, and with them requires_grad
@@ -173,7 +181,20 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         return {"llm": llm, "projector": total - llm - sum(encoders.values()), "encoders": encoders}
 
 
+# Readers of foreign checkpoint layouts, registered by `sphinx_mllm.formats` (a higher layer) on import:
+# (detect(folder) -> bool, load(folder, *args, **kwargs) -> model).
+_CHECKPOINT_READERS: list[tuple[Callable[[Path], bool], Callable[..., SphinxForConditionalGeneration]]] = []
+
+
+def register_checkpoint_reader(
+    detect: Callable[[Path], bool], load: Callable[..., SphinxForConditionalGeneration]
+) -> None:
+    """Let `from_pretrained` read another layout (the release's `consolidated.*.pth` folders...)."""
+    if (detect, load) not in _CHECKPOINT_READERS:
+        _CHECKPOINT_READERS.append((detect, load))
+
+
 AutoConfig.register("sphinx", SphinxConfig, exist_ok=True)
 AutoModelForImageTextToText.register(SphinxConfig, SphinxForConditionalGeneration, exist_ok=True)
 
-__all__ = ["SphinxForConditionalGeneration", "SphinxPreTrainedModel"]
+__all__ = ["SphinxForConditionalGeneration", "SphinxPreTrainedModel", "register_checkpoint_reader"]
