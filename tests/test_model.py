@@ -255,3 +255,16 @@ def test_bf16_forward_runs(debug_model_and_processor) -> None:
     with torch.no_grad():
         out = half(**inputs)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_encoder_features_give_the_same_logits_as_pixels(debug_model_and_processor) -> None:
+    model, proc = debug_model_and_processor
+    inputs = _prompt(proc, "cached", _image(50, 40))
+    with torch.no_grad():
+        feats = model.vision(inputs["pixel_values"])
+        live = model(**inputs).logits
+        cached = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       encoder_features=feats).logits
+    assert torch.equal(live, cached)
+    with pytest.raises(SphinxError, match="lack the encoders"):
+        model.get_image_features(encoder_features={"clip": feats["clip"]})

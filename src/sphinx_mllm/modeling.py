@@ -96,28 +96,42 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         return self.language_model.get_decoder()
 
     # -- images -----------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] -> image tokens [B, num_image_tokens, dim]."""
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, encoder_features: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """pixel_values [B, 3, S, S] -> image tokens [B, num_image_tokens, dim].
+
+        `encoder_features` ({encoder: [B * V, T_e, C_e]}, e.g. from a feature cache) skips the frozen
+        encoders; the trainable fusion still runs.
+        """
         if self.vision is None or self.fusion is None:
-            raise SphinxError("this model has no vision encoders; it cannot take pixel_values")
-        size = self.config.image_size
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
-            raise SphinxError(f"pixel_values must be [num_images, 3, {size}, {size}] for this model, "
-                              f"got {list(pixel_values.shape)}")
-        feats = self.vision(pixel_values)  # {encoder: [B * V, T_e, C_e]}
-        return self.fusion(feats)  # [B, V * tokens_per_view, dim]
+            raise SphinxError("this model has no vision encoders; it cannot take images")
+        if encoder_features is None:
+            if pixel_values is None:
+                raise SphinxError("pass pixel_values or encoder_features")
+            size = self.config.image_size
+            if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+                raise SphinxError(f"pixel_values must be [num_images, 3, {size}, {size}] for this model, "
+                                  f"got {list(pixel_values.shape)}")
+            encoder_features = self.vision(pixel_values)  # {encoder: [B * V, T_e, C_e]}
+        else:
+            missing = sorted(set(self.vision.encoders) - set(encoder_features))
+            if missing:
+                raise SphinxError(f"encoder_features lack the encoders {missing}")
+        return self.fusion(encoder_features)  # [B, V * tokens_per_view, dim]
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                     image_features: torch.Tensor | None = None, prefill: bool = True) -> torch.Tensor:
+                     image_features: torch.Tensor | None = None, prefill: bool = True,
+                     encoder_features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings with the fused image vectors scattered into the placeholder positions.
 
-        input_ids [B, L] -> [B, L, dim]. `image_features` ([num_images, N, dim]) may replace
-        `pixel_values` (cached encoder features, precomputed tokens).
+        input_ids [B, L] -> [B, L, dim]. Images come from `pixel_values`, from cached `encoder_features`
+        ({encoder: [B * V, T_e, C_e]}), or as finished `image_features` ([num_images, N, dim]).
         """
         image_mask = input_ids == self.config.image_token_id  # [B, L]
         embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        if image_features is None and pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
+        if image_features is None and (pixel_values is not None or encoder_features is not None):
+            image_features = self.get_image_features(pixel_values, encoder_features)
         if image_features is None:
             n_placeholders = int(image_mask.sum())
             if prefill and n_placeholders and self.config.encoders:
@@ -145,6 +159,7 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         image_features: torch.Tensor | None = None,
+        encoder_features: dict[str, torch.Tensor] | None = None,
         image_sizes: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
@@ -158,7 +173,8 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
             raise SphinxError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             prefill = cache is None or cache.get_seq_length() == 0
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, prefill=prefill)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, prefill=prefill,
+                                              encoder_features=encoder_features)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
