@@ -4,4 +4,4 @@ from sphinx_mllm.utils.errors import SphinxError
 from sphinx_mllm.utils.io import atomic_dir, atomic_write_bytes, atomic_write_text
 from sphinx_mllm.utils.logging import get_logger
 
-__all__ = ["SphinxError", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "get_logger"]
+__all__ = ["SphinxError", "atomic_dir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "get_logger"]

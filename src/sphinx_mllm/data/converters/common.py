@@ -7,12 +7,10 @@ first few examples of each reason at DEBUG level.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from sphinx_mllm.geometry import Box, box_from_pixels
 from sphinx_mllm.tasks import get_task
 from sphinx_mllm.tasks.base import Task, Turn
 from sphinx_mllm.utils.errors import SphinxError
+from sphinx_mllm.utils.io import atomic_open
 from sphinx_mllm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -242,21 +241,10 @@ def write_jsonl(
 ) -> ConversionReport:
     """Stream `records` to a temporary file beside `output`, then rename it: a failed or interrupted run
     leaves no partial output. Stops after `limit` records when given. Logs and returns `report`."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in _limited(records, limit):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                report.written += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(output, "w", encoding="utf-8") as f:
+        for record in _limited(records, limit):
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            report.written += 1
     log.info("%s", report.summary())
     return report
 
