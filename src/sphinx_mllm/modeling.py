@@ -210,7 +210,14 @@ def register_checkpoint_reader(
         _CHECKPOINT_READERS.append((detect, load))
 
 
+def has_checkpoint_reader(folder: str | os.PathLike) -> bool:
+    """Is `folder` in a foreign layout that a registered reader recognises?"""
+    return Path(folder).is_dir() and any(detect(Path(folder)) for detect, _ in _CHECKPOINT_READERS)
+
+
 AutoConfig.register("sphinx", SphinxConfig, exist_ok=True)
 AutoModelForImageTextToText.register(SphinxConfig, SphinxForConditionalGeneration, exist_ok=True)
 
-__all__ = ["SphinxForConditionalGeneration", "SphinxPreTrainedModel", "register_checkpoint_reader"]
+__all__ = [
+    "SphinxForConditionalGeneration", "SphinxPreTrainedModel", "has_checkpoint_reader", "register_checkpoint_reader",
+]

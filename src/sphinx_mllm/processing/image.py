@@ -54,6 +54,8 @@ def _open(source: ImageLike) -> Image.Image:
         raise BadImageError(f"cannot read image {name}: not a recognised image format") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(f"image {name} is too large (decompression bomb guard): {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # a broken header inside a known format
+        raise BadImageError(f"cannot read image {name}: {exc}") from exc
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

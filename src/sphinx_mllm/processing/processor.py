@@ -20,7 +20,7 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from sphinx_mllm.config import SphinxConfig
+from sphinx_mllm.config import RELEASE_LLAMA_TYPES, SphinxConfig
 from sphinx_mllm.processing.image import DEFAULT_MAX_PIXELS, ImageLike, ImagePreprocessor
 from sphinx_mllm.processing.template import ASSISTANT_ROLES, USER_ROLES, ChatTemplate, get_template, render, strip_stop
 from sphinx_mllm.utils.errors import SphinxError
@@ -244,15 +244,30 @@ class SphinxProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> SphinxProcessor:
+        """From our saved folder (`processor_config.json`) or a release folder (`meta.json` + `tokenizer.model`:
+        the config is our extra `sphinx_mllm.json` if present, else the preset of the release's `llama_type`)."""
         path = Path(path)
         cfg_file = path / PROCESSOR_CONFIG
-        if not cfg_file.exists():
-            raise SphinxError(f"{path} has no {PROCESSOR_CONFIG}")
-        cfg = json.loads(cfg_file.read_text())
-        cfg.pop("processor_class", None)
         # Keep our own overrides; hub-loading arguments (trust_remote_code, revision...) mean nothing here.
         own = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
-        cfg.update({k: v for k, v in kwargs.items() if k in own})
+        overrides = {k: v for k, v in kwargs.items() if k in own}
+        if not cfg_file.exists() and (path / "meta.json").is_file():
+            extra = path / "sphinx_mllm.json"  # written by sphinx_mllm.formats.save_release
+            if extra.is_file():
+                config = SphinxConfig.from_dict(json.loads(extra.read_text()))
+            else:
+                llama_type = json.loads((path / "meta.json").read_text()).get("llama_type")
+                presets = {t: p for p, t in RELEASE_LLAMA_TYPES.items()}
+                if llama_type not in presets:
+                    raise SphinxError(f"{path / 'meta.json'}: unknown llama_type {llama_type!r}; "
+                                      f"SPHINX variants: {sorted(presets)}")
+                config = SphinxConfig.from_preset(presets[llama_type])
+            return cls.from_config(config, load_tokenizer(path), **overrides)
+        if not cfg_file.exists():
+            raise SphinxError(f"{path} has no {PROCESSOR_CONFIG} (nor a release meta.json)")
+        cfg = json.loads(cfg_file.read_text())
+        cfg.pop("processor_class", None)
+        cfg.update(overrides)
         return cls(load_tokenizer(path), **cfg)
 
 

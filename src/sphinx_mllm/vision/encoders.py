@@ -14,7 +14,10 @@ Fusion only sees this contract.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     Blip2QFormerConfig,
@@ -28,6 +31,7 @@ from transformers import (
     Dinov2Config,
     Dinov2Model,
 )
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
 
 from sphinx_mllm.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
 from sphinx_mllm.processing.views import resize_square
@@ -93,6 +97,11 @@ class ConvNextEncoder(VisionEncoder):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__(spec)
         self.model = ConvNextModel(ConvNextConfig(**spec.config))
+        # transformers hard-codes eps=1e-6 in the stem, downsampling and block norms; timm's ConvNeXt (the
+        # release's convnext_xxlarge) uses one norm_eps (1e-5) everywhere: take the config's for all of them.
+        for module in self.model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = self.model.config.layer_norm_eps
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.model.encoder(self.model.embeddings(pixels)).last_hidden_state  # [N, C, g, g]
@@ -100,10 +109,32 @@ class ConvNextEncoder(VisionEncoder):
         return self.model.layernorm(tokens)  # the head LayerNorm, per position
 
 
+class HubDinov2Embeddings(Dinov2Embeddings):
+    """`Dinov2Embeddings` whose position table is resized the way the DINOv2 hub code does (what the release
+    ran): bicubic with scale factor (grid + 0.1) / side, in float32. transformers resizes to an exact size
+    instead, which samples other points (37x37 -> 16x16 differs by ~0.2 cells). Same parameters and keys."""
+
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        pos = self.position_embeddings  # [1, 1 + side*side, C]
+        num_positions = pos.shape[1] - 1
+        if embeddings.shape[1] - 1 == num_positions and height == width:
+            return pos
+        patch_h, patch_w = self.patch_embeddings.patch_size
+        grid_h, grid_w = height // patch_h, width // patch_w
+        side = int(math.sqrt(num_positions))
+        table = pos[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)  # [1, C, side, side]
+        scale = ((grid_h + 0.1) / math.sqrt(num_positions), (grid_w + 0.1) / math.sqrt(num_positions))
+        table = F.interpolate(table, scale_factor=scale, mode="bicubic")  # [1, C, grid_h, grid_w]
+        table = table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([pos[:, :1].float(), table], dim=1).to(embeddings.dtype)
+
+
 class Dinov2Encoder(VisionEncoder):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__(spec)
-        self.model = Dinov2Model(Dinov2Config(**spec.config))
+        config = Dinov2Config(**spec.config)
+        self.model = Dinov2Model(config)
+        self.model.embeddings = HubDinov2Embeddings(config)  # the hub's position-table resizing
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixels).last_hidden_state  # [N, 1 + g*g, C], final LayerNorm applied
