@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: anything else would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[train,serve,eval,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,serve,demo,eval,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -19,9 +19,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sphinx-mllm info --preset sphinx-1k
 
+# Debian's chromium + node + playwright-core for the web demo's browser test (idempotent).
+browser:
+	bash scripts/setup_browser.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/lint-imports
 
-test: lint
+test: lint browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --timeout 900
