@@ -11,7 +11,14 @@ from sphinx_mllm.utils.errors import SphinxError
 from sphinx_mllm.utils.logging import configure_logging
 
 # Each module exposes `register(subparsers)` and sets `func` on its parsers.
-_AREAS: tuple[str, ...] = ("sphinx_mllm.cli.info", "sphinx_mllm.cli.data", "sphinx_mllm.cli.eval")
+_AREAS: tuple[str, ...] = (
+    "sphinx_mllm.cli.info", "sphinx_mllm.cli.data", "sphinx_mllm.cli.eval", "sphinx_mllm.cli.convert",
+    "sphinx_mllm.cli.mix",
+    "sphinx_mllm.cli.train", "sphinx_mllm.cli.cache_features",
+    "sphinx_mllm.cli.chat", "sphinx_mllm.cli.infer",
+    "sphinx_mllm.cli.serve", "sphinx_mllm.cli.demo_ui",
+    "sphinx_mllm.cli.world",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
