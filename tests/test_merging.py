@@ -451,15 +451,47 @@ def test_cli_mix_and_yaml_form(pair: tuple, tmp_path: Path, capsys: pytest.Captu
     assert "unknown keys ['betta']" in capsys.readouterr().err
 
 
-def test_cli_sweep_eval_is_not_available_yet(pair: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_eval_needs_a_sweep_and_a_sweep_writes_every_value(pair: tuple, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     a_dir, b_dir, _, _ = pair
-    rc = main(["mix", "--sweep", "0:1:0.1", str(a_dir), str(b_dir), "-o", str(tmp_path / "s"), "--eval", "vqav2"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "evaluation runner is not available in this version" in err
+    rc = main(["mix", "--beta", "0.5", str(a_dir), str(b_dir), "-o", str(tmp_path / "s"), "--eval", "vqav2"])
+    assert rc == 2 and "give --sweep too" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
     rc = main(["mix", "--sweep", "0:1:0.1", str(a_dir), str(b_dir), "-o", str(tmp_path / "s"), "--no-progress"])
     assert rc == 0 and len(list((tmp_path / "s").iterdir())) == 11
     assert (tmp_path / "s" / "beta_0.30" / "model.safetensors").is_file()
+
+
+def test_cli_sweep_is_scored_by_the_evaluation_runner(debug_model_and_processor, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    model, processor = debug_model_and_processor
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    model.save_pretrained(a_dir)
+    processor.save_pretrained(a_dir)
+    other = type(model).from_pretrained(a_dir)
+    with torch.no_grad():
+        for p in other.language_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save_pretrained(b_dir)
+    processor.save_pretrained(b_dir)
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "red.png")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({
+        "id": "q1", "image": "red.png", "width": 40, "height": 30, "task": "vqa",
+        "conversations": [{"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "red"}],
+        "meta": {"question_id": 1, "answers": ["red"] * 10}}) + "\n")
+    out = tmp_path / "sweep"
+    rc = main(["mix", "--sweep", "0:1:0.5", str(a_dir), str(b_dir), "-o", str(out), "--no-progress",
+               "--eval", str(bench), "--eval-images-root", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    scores = json.loads((out / "sweep_scores.json").read_text())
+    assert set(scores["scores"]) == {"0.0", "0.5", "1.0"} and scores["param"] == "beta"
+    assert all(0.0 <= v <= 1.0 for v in scores["scores"].values())
+    assert (out / "beta_0.50" / "eval" / "metrics.json").is_file()
+    with Image.open(out / "sweep.png") as plot:
+        assert plot.size[0] > 100
 
 
 def test_shipped_example_config_is_valid() -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from sphinx_mllm.merging import METHODS, MixConfig, mix
 from sphinx_mllm.merging.mixing import DTYPES
+from sphinx_mllm.utils import SphinxError, atomic_write_text
 
 
 class _Bars:
@@ -76,7 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sweep", default=None, metavar="START:STOP:STEP",
                         help="one model per value of beta (linear) or t (slerp), e.g. 0:1:0.1")
     parser.add_argument("--eval", default=None, metavar="BENCH",
-                        help="score each sweep value on this benchmark (needs the evaluation runner)")
+                        help="score each sweep value on this benchmark (a registry name or a records JSONL; "
+                             "`sphinx-mllm eval run --help` lists them) and plot score against the value")
+    parser.add_argument("--eval-data", default=None, help="--eval: the benchmark's data file or folder")
+    parser.add_argument("--eval-images-root", default=None, help="--eval: folder the benchmark's images are under")
+    parser.add_argument("--eval-limit", type=int, default=None, help="--eval: score only the first N items")
+    parser.add_argument("--eval-metric", default=None,
+                        help="--eval: the metric to plot, e.g. 'vqa.accuracy' (default: the first one reported)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,4 +113,38 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    if config.eval is not None:
+        score_sweep(config, args)
     return 0
+
+
+def score_sweep(config: MixConfig, args: argparse.Namespace) -> dict[float, float]:
+    """Score every model of a sweep with the evaluation runner; write sweep_scores.json and sweep.png."""
+    from sphinx_mllm.evaluation.runner import flatten_metrics, run_benchmark
+    from sphinx_mllm.merging import get_method
+    from sphinx_mllm.merging.plot import plot_sweep
+
+    assert config.eval is not None and config.output is not None
+    param = get_method(config.method).sweep_param or "value"
+    out = Path(config.output)
+    scores: dict[float, float] = {}
+    runs: dict[str, dict[str, float]] = {}
+    metric = args.eval_metric
+    for folder, params in zip(config.output_folders(), config.output_params()):
+        summary = run_benchmark(out / folder, config.eval, out / folder / "eval", limit=args.eval_limit,
+                                data=args.eval_data, images_root=args.eval_images_root)
+        flat = flatten_metrics(summary["metrics"])
+        if not flat:
+            raise SphinxError(f"benchmark {config.eval} reported no numeric metric for {folder}")
+        metric = metric or next(iter(flat))
+        if metric not in flat:
+            raise SphinxError(f"metric {metric!r} not among {sorted(flat)}")
+        scores[float(params[param])] = flat[metric]
+        runs[folder] = flat
+        print(f"{folder}: {metric} = {flat[metric]:.4f}")
+    atomic_write_text(out / "sweep_scores.json", json.dumps(
+        {"benchmark": config.eval, "param": param, "metric": metric, "scores": scores, "runs": runs}, indent=2) + "\n")
+    plot_sweep(scores, out / "sweep.png", param=param, metric=str(metric), title=f"{config.eval}: {metric}")
+    best = max(scores, key=lambda v: scores[v])
+    print(f"best {param} = {best:g} ({metric} = {scores[best]:.4f}); plot: {out / 'sweep.png'}")
+    return scores

@@ -128,7 +128,7 @@ def run_benchmark(
         "metrics": score_items(items, predictions, judge, data_root),
     }
     atomic_write_text(out / METRICS_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    log.info("%s: %s", summary["benchmark"], _flatten(summary["metrics"]))
+    log.info("%s: %s", summary["benchmark"], flatten_metrics(summary["metrics"]))
     return summary
 
 
@@ -141,7 +141,7 @@ def _max_new_tokens(spec: Benchmark | None, items: Sequence[EvalItem]) -> int:
 # ----------------------------------------------------------------------------- tables across runs
 
 
-def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Nested metrics -> {"rec.accuracy": 0.81, ...}; per-item detail is left out."""
     flat: dict[str, float] = {}
     for key, value in metrics.items():
@@ -149,7 +149,7 @@ def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
             continue
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten_metrics(value, name + "."))
         elif isinstance(value, int | float) and not isinstance(value, bool):
             flat[name] = float(value)
     return flat
@@ -170,7 +170,7 @@ def metrics_table(run_dirs: Sequence[str | os.PathLike], keys: Sequence[str] | N
     rows = []
     for run_dir in run_dirs:
         run = load_run(run_dir)
-        rows.append((str(run_dir), str(run.get("benchmark", "?")), _flatten(run.get("metrics", {}))))
+        rows.append((str(run_dir), str(run.get("benchmark", "?")), flatten_metrics(run.get("metrics", {}))))
     columns = list(keys) if keys else sorted({k for _, _, flat in rows for k in flat})
     header = ["run", "benchmark", *columns]
     body = [[name, bench, *(f"{flat[c]:.4f}" if c in flat else "-" for c in columns)] for name, bench, flat in rows]
@@ -180,4 +180,4 @@ def metrics_table(run_dirs: Sequence[str | os.PathLike], keys: Sequence[str] | N
     return "\n".join(lines)
 
 
-__all__ = ["METRICS_FILE", "load_run", "metrics_table", "run_benchmark", "score_items"]
+__all__ = ["METRICS_FILE", "flatten_metrics", "load_run", "metrics_table", "run_benchmark", "score_items"]

@@ -52,8 +52,6 @@ logger = get_logger(__name__)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAM_FIELDS = ("beta", "t", "weights", "density", "seed", "combine")
 INFO_NAME = "mix_info.json"
-EVAL_UNAVAILABLE = ("--eval / 'eval': the evaluation runner is not available in this version of sphinx-mllm; "
-                    "run the sweep without it and score each model once evaluation exists")
 
 # Progress callback: (stage, bytes just done, total bytes of the stage).
 Progress = Callable[[str, int, int], None]
@@ -102,12 +100,12 @@ class MixConfig:
     dtype: str | None = None  # output dtype of float tensors (default: the first model's)
     max_shard_size: str = "5GB"
     sweep: str | None = None  # "start:stop:step" over the method's scalar
-    eval: str | None = None  # benchmark to score each sweep value with (needs the evaluation runner)
+    eval: str | None = None  # benchmark to score each sweep value with (scored by `sphinx-mllm mix`, the CLI)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.eval is not None:
-            raise SphinxError(EVAL_UNAVAILABLE)
+        if self.eval is not None and self.sweep is None:
+            raise SphinxError("--eval / 'eval' scores the models of a sweep; give --sweep too")
         method = get_method(self.method)
         n = len(self.models)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
