@@ -79,3 +79,10 @@ def test_invalid_fusion_is_refused() -> None:
         SphinxConfig(**{**kwargs, "fusion": [{"name": "visual_proj", "encoders": ["clip", "ghost"]}]})
     with pytest.raises(SphinxError, match="not in any fusion group"):
         SphinxConfig(**{**kwargs, "fusion": [{"name": "visual_proj", "encoders": ["clip"]}]})
+
+
+def test_freeze_encoders_switch() -> None:
+    frozen = SphinxForConditionalGeneration(SphinxConfig.from_preset("debug")).train()
+    assert not frozen.vision.training and not any(p.requires_grad for p in frozen.vision.parameters())
+    free = SphinxForConditionalGeneration(SphinxConfig.from_preset("debug", freeze_encoders=False)).train()
+    assert free.vision.training and all(p.requires_grad for p in free.vision.parameters())
