@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    parser = argparse.ArgumentParser(prog="sphinx-mllm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="sphinx-mllm",
+        description="SPHINX multimodal LLMs: describe presets, prepare data, convert release checkpoints, train, "
+        "mix weights, chat, batch-infer, evaluate, serve, and run the synthetic world. "
+        "`sphinx-mllm COMMAND --help` explains each command.",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for area in _AREAS:
