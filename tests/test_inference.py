@@ -3,6 +3,7 @@ the answers are nonsense, the plumbing (batching, streaming, seeds, stop strings
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import threading
@@ -14,8 +15,12 @@ from PIL import Image
 
 from fixtures.tiny_chat import save_tiny_chat, write_image
 from sphinx_mllm.cli.main import main
+from sphinx_mllm.config import PRESETS, SphinxConfig
+from sphinx_mllm.formats import save_release
 from sphinx_mllm.inference import ChatSession, GenerationConfig, SphinxChat, qas_to_messages
-from sphinx_mllm.inference.chat import _stable_prefix
+from sphinx_mllm.inference.chat import TextStream, _stable_prefix
+from sphinx_mllm.modeling import SphinxForConditionalGeneration
+from sphinx_mllm.processing import SphinxProcessor
 from sphinx_mllm.utils.errors import SphinxError
 
 GREEDY = GenerationConfig(max_new_tokens=8, temperature=0.0)
@@ -55,8 +60,16 @@ def test_load_gives_fp32_cpu_model_and_rejects_missing_folder(chat: SphinxChat, 
     with pytest.raises(SphinxError, match="not found"):
         SphinxChat.load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SphinxError):
+    with pytest.raises(SphinxError, match="neither a sphinx-mllm model folder .* nor a release folder"):
         SphinxChat.load(tmp_path / "empty")
+
+
+def test_load_reads_a_release_folder(chat: SphinxChat, sp_tokenizer_dir: Path, tmp_path: Path) -> None:
+    folder = save_release(chat.model, tmp_path / "release", num_shards=2,
+                          tokenizer=sp_tokenizer_dir / "tokenizer.model")
+    released = SphinxChat.load(folder, device="cpu")
+    msgs = _ask("what is in the image", Image.new("RGB", (50, 80), (0, 0, 255)))
+    assert released.generate_full([msgs], GREEDY) == chat.generate_full([msgs], GREEDY)
 
 
 def test_batched_generation_equals_one_by_one(chat: SphinxChat) -> None:
@@ -75,9 +88,13 @@ def test_batched_generation_equals_one_by_one(chat: SphinxChat) -> None:
 def test_stream_equals_generate_for_greedy(chat: SphinxChat) -> None:
     msgs = _ask("what is in the image", Image.new("RGB", (50, 80), (0, 0, 255)))
     config = GenerationConfig(max_new_tokens=12, temperature=0.0)
-    deltas = list(chat.stream(msgs, config))
+    stream = chat.stream(msgs, config)
+    assert isinstance(stream, TextStream) and stream.result is None
+    deltas = list(stream)
     assert len(deltas) > 1
-    assert "".join(deltas) == chat.generate([msgs], config)[0]
+    full = chat.generate_full([msgs], config)[0]
+    assert "".join(deltas) == full.text
+    assert stream.result == full and full.finish_reason == "length" and full.completion_tokens == 12
     assert not _stream_threads()
 
 
@@ -86,15 +103,22 @@ def test_cancel_stops_a_stream_and_closing_joins_the_worker(chat: SphinxChat) ->
     config = GenerationConfig(max_new_tokens=200, temperature=0.0)
     cancel = threading.Event()
     got = []
-    for delta in chat.stream(msgs, config, cancel=cancel):
+    stream = chat.stream(msgs, config, cancel=cancel)
+    for delta in stream:
         got.append(delta)
         cancel.set()
     full = chat.generate([msgs], GenerationConfig(max_new_tokens=20, temperature=0.0))[0]
     assert 1 <= len(got) <= 3 and len("".join(got)) < len(full)
+    assert stream.result is not None and stream.result.finish_reason == "cancelled"
+    assert stream.result.text == "".join(got) and stream.result.completion_tokens < 200
     assert not _stream_threads()
     it = chat.stream(msgs, config)
     next(it)
     it.close()  # the consumer went away: the worker must stop and be joined
+    assert not _stream_threads() and it.result is None
+    it = chat.stream(msgs, config)
+    next(it)
+    del it  # dropped half way (no reference cycle): closed at once, the worker joined
     assert not _stream_threads()
     chat.stream(msgs, config)  # never iterated: no thread is ever started
     assert not _stream_threads()
@@ -135,6 +159,10 @@ def test_stable_prefix_holds_back_what_can_still_change() -> None:
     assert _stable_prefix("a box  ", stops) == "a box"
     assert _stable_prefix("caf\ufffd", stops) == "caf"
     assert _stable_prefix("a # b", stops) == "a # b"
+    assert _stable_prefix("  red box\n### Human: more", stops) == "red box"  # as post_process cuts it
+    # a stop string found, but a longer one that would start earlier may still complete
+    assert _stable_prefix("1xab", ["ab", "xabcdef"]) == "1"
+    assert _stable_prefix("1xab!", ["ab", "xabcdef"]) == "1x"
 
 
 class _ScriptedModel(torch.nn.Module):
@@ -173,7 +201,77 @@ def test_stream_and_generate_cut_at_the_stop_string(chat: SphinxChat) -> None:
     deltas = list(fake.stream(msgs, config))
     assert "".join(deltas) == "red box on the left"
     assert not any("#" in d for d in deltas)
-    assert fake.generate_full([msgs], config)[0].finish_reason == "stop"
+    full = fake.generate_full([msgs], config)[0]
+    assert full.finish_reason == "stop"
+    stream = fake.stream(msgs, config)
+    assert "".join(stream) == full.text and stream.result == full
+
+
+def _pieces(chat: SphinxChat, *parts: str) -> list[int]:
+    """Token ids of text parts and single pieces (`<0x49>`), in order."""
+    tok, ids = chat.processor.tokenizer, []
+    for part in parts:
+        if part.startswith("<0x"):
+            ids.append(tok.convert_tokens_to_ids(part))
+        else:
+            ids += tok(part, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def test_stream_holds_back_byte_pieces_that_a_later_byte_turns_into_replacement_characters(
+        chat: SphinxChat) -> None:
+    """The bug: `<0x49><0x36>` alone decode to "I6"; followed by `<0x80>` the run is invalid UTF-8 and the whole run
+    decodes to three U+FFFD. The old stream yielded "I6" and could not take it back (it then stopped yielding)."""
+    tok = chat.processor.tokenizer
+    script = _pieces(chat, "red box", "<0x49>", "<0x36>", "<0x80>", "<0x99>", "left", "<0xC3>", "<0xA9>", "top",
+                     "<0xE2>", "<0x82>", "<0xAC>", "<0x41>", "blue", "<0xC1>")
+    prefix = _pieces(chat, "red box", "<0x49>", "<0x36>")
+    assert tok.decode(prefix) == "red boxI6" and "\ufffd" in tok.decode(script)
+    fake = SphinxChat(_ScriptedModel(script), chat.processor)
+    msgs = _ask("where")
+    config = GenerationConfig(max_new_tokens=len(script), temperature=0.0)
+    full = fake.generate_full([msgs], config)[0]
+    assert full.text == "red box\ufffd\ufffd\ufffd\ufffd left\u00e9 top\u20acA blue\ufffd"
+    stream = fake.stream(msgs, config)
+    deltas = list(stream)
+    assert "".join(deltas) == full.text and not any("I6" in d for d in deltas)
+    assert stream.result == full and full.finish_reason == "length" and full.completion_tokens == len(script)
+
+
+def test_stream_equals_generate_when_random_weights_emit_invalid_utf8(tokenizer) -> None:
+    """Regression on a real model: a `debug` model with the test tokenizer's vocabulary emits byte pieces; seeds
+    and prompts are searched for an answer with replacement characters, then every case tried must stream
+    exactly what `generate_full` answers."""
+    text_config = dict(copy.deepcopy(PRESETS["debug"]["text_config"]), vocab_size=len(tokenizer))
+    config = SphinxConfig.from_preset("debug", text_config=text_config)
+    greedy = GenerationConfig(max_new_tokens=12, temperature=0.0)
+    tried = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        chat = SphinxChat(SphinxForConditionalGeneration(config), SphinxProcessor.from_config(config, tokenizer))
+        for prompt in ("Describe the image.", "what is this", "where is the red box"):
+            full = chat.generate_full([_ask(prompt)], greedy)[0]
+            stream = chat.stream(_ask(prompt), greedy)
+            tried.append((full, "".join(stream), stream.result))
+            if "\ufffd" in full.text:
+                break
+        if "\ufffd" in tried[-1][0].text:
+            break
+    assert "\ufffd" in tried[-1][0].text, "no answer with replacement characters found"
+    for full, streamed, result in tried:
+        assert streamed == full.text
+        assert result == full
+
+
+def test_stream_reports_stop_at_eos_with_the_tokens_before_it(chat: SphinxChat) -> None:
+    eos = chat.processor.tokenizer.eos_token_id
+    script = _pieces(chat, "red box", "<0xC3>", "<0xA9>") + [eos] + _pieces(chat, " never")
+    fake = SphinxChat(_ScriptedModel(script), chat.processor)
+    config = GenerationConfig(max_new_tokens=40, temperature=0.0)
+    full = fake.generate_full([_ask("where")], config)[0]
+    stream = fake.stream(_ask("where"), config)
+    assert "".join(stream) == full.text == "red box\u00e9"
+    assert stream.result == full and full.finish_reason == "stop" and full.completion_tokens == script.index(eos)
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error(chat: SphinxChat) -> None:

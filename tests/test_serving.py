@@ -17,7 +17,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sphinx_mllm.inference.chat import Generation, GenerationConfig, SphinxChat  # noqa: E402
+from sphinx_mllm.inference.chat import Generation, GenerationConfig, SphinxChat, TextStream  # noqa: E402
 from sphinx_mllm.serving import ServerSettings, create_app  # noqa: E402
+from sphinx_mllm.serving.app import count_tokens  # noqa: E402
 
 MODEL = "sphinx-test"
 DEFAULT_CONFIG = GenerationConfig()
@@ -78,20 +79,31 @@ class GatedChat(SphinxChat):
 
 
 class ScriptedChat(SphinxChat):
-    """Answers a fixed text (after the real processor accepted the conversation), to test text handling."""
+    """Answers a fixed text (after the real processor accepted the conversation), to test text handling. Its
+    answers report 10 prompt tokens and `completion_tokens` tokens; with `report=False` its streams are plain
+    iterators that report no `Generation` (as a custom `SphinxChat.stream` might)."""
 
-    def __init__(self, base: SphinxChat, answer: str) -> None:
+    def __init__(self, base: SphinxChat, answer: str, completion_tokens: int = 7, report: bool = True) -> None:
         super().__init__(base.model, base.processor)
         self.answer = answer
+        self.completion_tokens = completion_tokens
+        self.report = report
 
     def generate_full(self, conversations: Any, config: GenerationConfig = DEFAULT_CONFIG) -> list[Generation]:
         self.prepare(conversations)
-        n = len(self.processor.tokenizer(self.answer, add_special_tokens=False)["input_ids"])
-        return [Generation(self.answer, 10, n, "stop") for _ in conversations]
+        return [Generation(self.answer, 10, self.completion_tokens, "stop") for _ in conversations]
 
     def stream(self, messages: Any, config: GenerationConfig = DEFAULT_CONFIG, cancel: Any = None) -> Iterator[str]:
         self.prepare([messages])
-        return iter([self.answer[i:i + 3] for i in range(0, len(self.answer), 3)])
+        pieces = [self.answer[i:i + 3] for i in range(0, len(self.answer), 3)]
+        if not self.report:
+            return iter(pieces)
+
+        def deltas() -> Generator[str, None, Generation]:
+            yield from pieces
+            return self.generate_full([messages], config)[0]
+
+        return TextStream(deltas())
 
 
 @contextlib.contextmanager
@@ -203,6 +215,26 @@ def test_streaming_equals_non_streaming_and_reports_usage(chat: SphinxChat) -> N
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
 
 
+def test_stream_cut_by_max_tokens_reports_length_and_exact_tokens(chat: SphinxChat) -> None:
+    """The random model answers this prompt with byte pieces that decode to replacement characters: re-tokenising
+    the streamed text would count other tokens; the stream reports the generation's own count."""
+    messages = [{"role": "user", "content": "Describe the image."}]
+    with serve(chat) as (base, _):
+        api = client(base)
+        full = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        chunks = list(api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "\ufffd" in full.choices[0].message.content
+    assert text == full.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.choices[0].finish_reason] == ["length"]
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == full.usage.completion_tokens == 12
+    assert usage.prompt_tokens == full.usage.prompt_tokens and usage.total_tokens == full.usage.total_tokens
+    assert count_tokens(chat, text) != 12  # what the old re-tokenising count would have reported
+
+
 def test_raw_sse_framing_ends_with_done(chat: SphinxChat) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
     with serve(chat) as (base, _), httpx.Client(trust_env=False, timeout=TIMEOUT) as http, \
@@ -241,10 +273,23 @@ def test_stop_sequences_cut_streamed_and_plain_answers(chat: SphinxChat) -> None
         streamed = api.chat.completions.create(model=MODEL, messages=messages, stop="STOP", stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
         unstopped = api.chat.completions.create(model=MODEL, messages=messages)
+        reported = list(api.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                    stream_options={"include_usage": True}))
+    with serve(ScriptedChat(chat, scripted.answer, report=False)) as (base, _):
+        unreported = list(client(base).chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                               stream_options={"include_usage": True}))
     assert plain.choices[0].message.content == "red box here. "
     assert plain.choices[0].finish_reason == "stop"
+    assert plain.usage.completion_tokens == count_tokens(chat, "red box here. ")  # cut text: counted, as streamed
     assert text == "red box here. "
     assert unstopped.choices[0].message.content == "red box here. STOP and then more text"
+    # a stream reports the generation's own counts and finish_reason (the scripted 10 prompt, 7 completion tokens)
+    assert "".join(c.choices[0].delta.content or "" for c in reported if c.choices) == scripted.answer
+    assert reported[-1].usage.prompt_tokens == 10 and reported[-1].usage.completion_tokens == 7
+    assert [c.choices[0].finish_reason for c in reported if c.choices and c.choices[0].finish_reason] == ["stop"]
+    # a stream that reports nothing is counted from its text
+    assert unreported[-1].usage.completion_tokens == count_tokens(chat, scripted.answer)
+    assert unreported[-1].usage.prompt_tokens > 10
 
 
 def test_local_paths_only_under_image_root(chat: SphinxChat, tmp_path: Path) -> None:

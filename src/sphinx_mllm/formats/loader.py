@@ -2,8 +2,11 @@
 
 The model is built on the meta device (no memory), every release key is checked against the key map
 before any data is read (missing, unexpected and mis-shaped tensors are all listed, then the load fails),
-and each tensor is merged across shards, converted and assigned in place: peak memory stays near one
-model plus the tensor in flight (the shards are memory-mapped).
+and each tensor is merged across shards, converted and assigned in place (a tensor merged for the load
+becomes the parameter itself, without a second copy). The shards are memory-mapped, and mapped pages count
+as resident memory until they are unmapped, so the checkpoint is reopened whenever about half a shard of
+data has been read since it was opened (the maps of what was already copied go): peak memory stays near one
+model plus half a shard (or the largest tensor, if bigger), not the model twice.
 
 The config comes from our extra file `sphinx_mllm.json` when the folder has one (written by
 `save_release`, so models whose encoders are not the release's read back exactly), else from the preset
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ from transformers import initialization as hf_init
 
 from sphinx_mllm.config import RELEASE_LLAMA_TYPES, SphinxConfig
 from sphinx_mllm.formats.keymap import Rule, build_plan, is_known_leftover
-from sphinx_mllm.formats.release import ReleaseCheckpoint
+from sphinx_mllm.formats.release import ReleaseCheckpoint, split_kind
 from sphinx_mllm.modeling import SphinxForConditionalGeneration
 from sphinx_mllm.utils.errors import SphinxError
 from sphinx_mllm.utils.logging import get_logger
@@ -135,13 +139,23 @@ def check_keys(ckpt: ReleaseCheckpoint, expected: dict[str, tuple[int, ...]]) ->
 
 
 # ---- assignment ------------------------------------------------------------------------------------
-def _assign(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.dtype | None) -> None:
-    """Put a fresh contiguous copy of `value` (cast to `dtype`) in place of the meta tensor `key`."""
+def _owns_storage(value: torch.Tensor) -> bool:
+    """Is `value` exactly its whole storage (contiguous, from offset 0), so it can become a parameter as is?"""
+    return (value.is_contiguous() and value.storage_offset() == 0
+            and value.untyped_storage().nbytes() == value.numel() * value.element_size())
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.dtype | None, reuse: bool = False) -> None:
+    """Put `value` (cast to `dtype`) in place of the meta tensor `key`: a fresh contiguous copy, or `value` itself
+    when `reuse` (it was made for this load, not mapped from a shard) and it already has the dtype and layout."""
     owner_name, _, name = key.rpartition(".")
     owner = model.get_submodule(owner_name)
     target = dtype if dtype is not None and value.is_floating_point() else value.dtype
-    data = torch.empty(value.shape, dtype=target)
-    data.copy_(value)
+    if reuse and value.dtype == target and _owns_storage(value):
+        data = value.detach()
+    else:
+        data = torch.empty(value.shape, dtype=target)
+        data.copy_(value)
     if name in owner._parameters:
         old = owner._parameters[name]
         param = nn.Parameter(data, requires_grad=bool(old is not None and old.requires_grad))
@@ -187,6 +201,75 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
+def _remap_budget(ckpt: ReleaseCheckpoint) -> float:
+    """Bytes of shard data to read before reopening: half the largest shard; never for legacy (non-zip) shards,
+    which are read into memory, not mapped."""
+    if not all(zipfile.is_zipfile(p) for p in ckpt.shard_paths):
+        return math.inf
+    return max(p.stat().st_size for p in ckpt.shard_paths) / 2
+
+
+def _mapped_bytes(ckpt: ReleaseCheckpoint, key: str) -> int:
+    """Shard bytes that reading `key` touches (every rank's piece; each replica when they are compared)."""
+    copies = ckpt.num_shards if split_kind(key) == "replicated" and ckpt.check_replicas else 1
+    return math.prod(ckpt.shape(key)) * ckpt.dtype(key).itemsize * copies
+
+
+def _reopen(ckpt: ReleaseCheckpoint) -> ReleaseCheckpoint:
+    """A fresh view of the same folder (the old maps go once the tensors read from them are freed)."""
+    shapes = {k: ckpt.shape(k) for k in ckpt}
+    ckpt.close()
+    fresh = ReleaseCheckpoint(ckpt.folder, check_replicas=ckpt.check_replicas)
+    if {k: fresh.shape(k) for k in fresh} != shapes:
+        fresh.close()
+        raise SphinxError(f"{ckpt.folder}: the checkpoint changed while it was being loaded")
+    return fresh
+
+
+def _load_rule(model: nn.Module, ckpt: ReleaseCheckpoint, rule: Rule, dtype: torch.dtype | None) -> list[str]:
+    """Read, check and assign one rule's tensors; -> the release keys with NaN or inf values (nothing assigned).
+    A function of its own so that no reference to mapped data outlives it."""
+    tensors = [ckpt.get(k) for k in rule.release]
+    bad = [k for k, t in zip(rule.release, tensors) if not _all_finite(t)]
+    if bad:
+        return bad
+    # what `get` returns for a replicated key (or from a single shard) is the mapped tensor; split keys are merged
+    # into new tensors, which can become parameters without a second copy
+    taken = {t.untyped_storage().data_ptr() for k, t in zip(rule.release, tensors)
+             if split_kind(k) == "replicated" or ckpt.num_shards == 1}
+    for key, value in zip(rule.ours, rule.to_ours(tensors)):
+        storage = value.untyped_storage().data_ptr()
+        _assign(model, key, value, dtype, reuse=storage not in taken)
+        taken.add(storage)  # never two parameters on one storage
+    return []
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf (min and max propagate NaN), without a full-size boolean temporary."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _load_tensors(model: nn.Module, ckpt: ReleaseCheckpoint, plan: list[Rule], dtype: torch.dtype | None,
+                  progress: Progress | None) -> list[str]:
+    """Every rule of `plan` into `model`, reopening the checkpoint each `_remap_budget` bytes; -> corrupt keys."""
+    budget, read, corrupt = _remap_budget(ckpt), 0, []
+    try:
+        for done, rule in enumerate(plan, start=1):
+            size = sum(_mapped_bytes(ckpt, k) for k in rule.release)
+            if read and read + size > budget:
+                ckpt, read = _reopen(ckpt), 0
+            corrupt += _load_rule(model, ckpt, rule, dtype)
+            read += size
+            if progress is not None:
+                progress(done, len(plan))
+    finally:
+        ckpt.close()
+    return corrupt
+
+
 def load_release_model(
     folder: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -205,18 +288,7 @@ def load_release_model(
         meta_state = model.state_dict()
         plan = build_plan(config, list(meta_state))
         check_keys(ckpt, expected_release_shapes(plan, meta_state))
-        corrupt: list[str] = []
-        for done, rule in enumerate(plan, start=1):
-            tensors = [ckpt.get(k) for k in rule.release]
-            bad = [k for k, t in zip(rule.release, tensors) if not bool(torch.isfinite(t).all())]
-            if bad:
-                corrupt += bad
-            else:
-                for key, value in zip(rule.ours, rule.to_ours(tensors)):
-                    _assign(model, key, value, target)
-            del tensors
-            if progress is not None:
-                progress(done, len(plan))
+        corrupt = _load_tensors(model, ckpt, plan, target, progress)
         if corrupt:
             raise SphinxError(f"{ckpt.folder}: corrupt tensors (NaN or inf values): " + ", ".join(corrupt))
     _materialise_buffers(model)

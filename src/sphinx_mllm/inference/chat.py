@@ -7,19 +7,24 @@ tokens whose probability reaches `top_p`), greedy at temperature 0, answers cut 
 runs greedily. So an item's answer for a given seed does not depend on the other items of its batch.
 
 Streaming runs `model.generate` in a worker thread that pushes token ids into a queue; the iterator decodes
-the whole answer so far and yields only text that can no longer change (it holds back a trailing partial
-UTF-8 character, trailing whitespace and any tail that could start a stop string), so the concatenated deltas
-equal what `generate` returns. Closing the iterator, or setting `cancel`, stops the worker at its next token
-and the iterator joins it before returning.
+the answer so far and yields only text that can no longer change, so the concatenated deltas equal what
+`generate` returns. What it holds back: the trailing run of byte-fallback tokens (`<0xNN>`: the decoder turns
+a run of them into its UTF-8 text, or into one U+FFFD per byte when the run is not valid UTF-8, so one more
+byte can turn text already decoded into replacement characters), a trailing U+FFFD (half a character from a
+byte-level tokenizer), trailing whitespace (the answer is stripped) and any tail that could start a stop
+string. Once exhausted, the iterator (`TextStream`) holds the answer's `Generation` in `.result`. Closing it,
+or setting `cancel`, stops the worker at its next token and the iterator joins it before returning.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
+import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from sphinx_mllm.formats import is_release_folder  # importing formats registers the release-folder reader
 from sphinx_mllm.modeling import SphinxForConditionalGeneration
 from sphinx_mllm.processing import SphinxProcessor, load_image, load_tokenizer
 from sphinx_mllm.processing.image import ImageLike
@@ -44,6 +50,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }  # fmt: skip
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,35 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_new_tokens reached), or, for a stream
+    # only, "cancelled" (its `cancel` event stopped it first)
+
+
+class TextStream(Iterator[str]):
+    """The text deltas of one streamed answer. Once exhausted, `result` is the answer's `Generation` (the joined
+    text, token counts, finish_reason), as `generate_full` reports it; it stays None while the stream runs, and
+    when it was closed early or failed. `close()` stops the generation and joins its thread.
+
+    Wraps a generator of deltas that returns the `Generation`. (The generator holds no reference back, so a
+    stream dropped half way is closed, and its generation stopped, at once by reference counting.)"""
+
+    def __init__(self, deltas: Generator[str, None, Generation | None]) -> None:
+        self.result: Generation | None = None
+        self._deltas = deltas
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._deltas)
+        except StopIteration as end:
+            if end.value is not None:
+                self.result = end.value
+            raise
+
+    def close(self) -> None:
+        self._deltas.close()
 
 
 # ----------------------------------------------------------------------------- generation helpers
@@ -147,15 +182,17 @@ class _TokenQueue(BaseStreamer):
 
 
 def _stable_prefix(text: str, stops: Sequence[str]) -> str:
-    """The part of a growing answer that later tokens cannot change: drop a trailing replacement character
-    (half a UTF-8 character), trailing whitespace (the final answer is stripped) and any tail that could be
-    the start of a stop string."""
-    text = text.rstrip("\ufffd").rstrip()
-    for cut in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
-        tail = text[-cut:]
-        if any(s.startswith(tail) for s in stops):
-            return text[:-cut].rstrip()
-    return text
+    """The part of a growing answer (decoded text that later tokens only extend) that they cannot change, as
+    the final answer (`post_process`: cut at the first stop string, stripped) will have it: cut at the first
+    stop string or before any tail that could still start one, then drop a trailing replacement character
+    (half a UTF-8 character) and the surrounding whitespace."""
+    end = min((i for i in (text.find(s) for s in stops) if i != -1), default=len(text))
+    longest = max((len(s) for s in stops), default=0)
+    for start in range(max(0, len(text) - longest + 1), end):
+        if any(s.startswith(text[start:]) for s in stops):
+            end = start
+            break
+    return text[:end].rstrip("\ufffd").strip()
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -212,8 +249,9 @@ class SphinxChat:
         dev = resolve_device(device)
         want = resolve_dtype(dtype)
         kwargs = {"dtype": want} if want is not None else {}
-        if not _is_our_folder(path):
-            _import_formats(path)
+        if not _is_our_folder(path) and not is_release_folder(path):
+            raise SphinxError(f"{path} is neither a sphinx-mllm model folder (no config.json with model_type 'sphinx') "
+                              "nor a release folder (consolidated.*.pth + meta.json)")
         model = SphinxForConditionalGeneration.from_pretrained(path, **kwargs)
         if dev.type == "cpu" and model.dtype == torch.float16 and want is None:
             model = model.to(torch.bfloat16)
@@ -224,6 +262,30 @@ class SphinxChat:
             processor = SphinxProcessor.from_config(model.config, load_tokenizer(path))
         log.info("loaded %s (%s, %s)", path, dev, model.dtype)
         return cls(model, processor)
+
+    @functools.cached_property
+    def _held_ids(self) -> frozenset[int]:
+        """Tokens whose text can still change with the next token: byte-fallback pieces, and special tokens
+        (skipped when decoding, so byte pieces on both sides of one decode as one run)."""
+        tok = self.processor.tokenizer
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        held = {i for i, piece in enumerate(pieces) if isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece)}
+        return frozenset(held | set(tok.all_special_ids))
+
+    def _stable_text(self, ids: Sequence[int]) -> str:
+        """The part of the answer decoded from `ids` that later tokens cannot change: a prefix of the final text."""
+        end = len(ids)
+        while end and ids[end - 1] in self._held_ids:
+            end -= 1
+        return _stable_prefix(self.processor.decode(ids[:end]), self.processor.stop_strings)
+
+    def _finish_reason(self, ids: Sequence[int], raw: str, eos_seen: bool, max_new_tokens: int,
+                       cancel: threading.Event | None) -> str:
+        if eos_seen or any(s in raw for s in self.processor.stop_strings):
+            return "stop"
+        if cancel is not None and cancel.is_set() and len(ids) < max_new_tokens:
+            return "cancelled"
+        return "length"
 
     @property
     def device(self) -> torch.device:
@@ -293,8 +355,9 @@ class SphinxChat:
     def stream(
         self, messages: list[Message], config: GenerationConfig = GenerationConfig(),
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
-        """Text deltas of one answer as it is generated; `"".join(...)` equals `generate([messages])[0]`.
+    ) -> TextStream:
+        """Text deltas of one answer as it is generated; `"".join(...)` equals `generate([messages])[0]`, and
+        once exhausted, `.result` equals `generate_full([messages])[0]` (for greedy decoding, or a seed).
 
         Setting `cancel` stops generation at the next token; closing the iterator early stops and joins
         the worker thread. Errors of the worker are raised here.
@@ -302,10 +365,13 @@ class SphinxChat:
         inputs = self.prepare([messages])  # bad input raises here, before any thread exists
         closed = threading.Event()
         kwargs = self._generate_kwargs(inputs, config, [_EventStop(cancel, closed)])
-        return self._deltas(kwargs, closed)
+        n_prompt = int(inputs["attention_mask"][0].sum())
+        return TextStream(self._deltas(kwargs, closed, cancel, n_prompt))
 
-    def _deltas(self, kwargs: dict[str, Any], closed: threading.Event) -> Iterator[str]:
-        """The worker starts on the first `next()`, so an iterator dropped unstarted leaves no thread."""
+    def _deltas(self, kwargs: dict[str, Any], closed: threading.Event, cancel: threading.Event | None,
+                n_prompt: int) -> Generator[str, None, Generation]:
+        """The worker starts on the first `next()`, so an iterator dropped unstarted leaves no thread. The worker
+        runs to its own end (EOS, stop string, max_new_tokens, `cancel`) so that the token count is exact."""
         streamer = _TokenQueue()
         kwargs["streamer"] = streamer
         failure: list[BaseException] = []
@@ -321,32 +387,33 @@ class SphinxChat:
 
         worker = threading.Thread(target=work, name="sphinx-stream", daemon=True)
         worker.start()
-        stops = self.processor.stop_strings
         eos = self.processor.tokenizer.eos_token_id
         ids: list[int] = []
+        eos_seen = False
         sent = ""
         try:
-            while True:
-                item = streamer.queue.get()
-                if item is _TokenQueue._END:
-                    break
-                ids.extend(t for t in item if t != eos)
-                if eos in item:
-                    closed.set()
-                text = self.processor.decode(ids).lstrip()
-                hit = min((i for i in (text.find(s) for s in stops) if i != -1), default=-1)
-                stable = text[:hit].rstrip() if hit != -1 else _stable_prefix(text, stops)
+            while (item := streamer.queue.get()) is not _TokenQueue._END:
+                if eos_seen:  # generate_full also counts and decodes up to the first EOS only
+                    continue
+                for token in item:
+                    if token == eos:
+                        eos_seen = True
+                        break
+                    ids.append(token)
+                stable = self._stable_text(ids)
                 if len(stable) > len(sent) and stable.startswith(sent):
                     yield stable[len(sent):]
                     sent = stable
-                if hit != -1:
-                    closed.set()
-                    break
             if failure:
                 raise failure[0]
-            final = self.processor.post_process(self.processor.decode(ids))
-            if final.startswith(sent) and len(final) > len(sent):
+            raw = self.processor.decode(ids)
+            final = self.processor.post_process(raw)
+            if not final.startswith(sent):
+                log.warning("streamed text %r is not a prefix of the answer %r", sent, final)
+            elif len(final) > len(sent):
                 yield final[len(sent):]
+            reason = self._finish_reason(ids, raw, eos_seen, int(kwargs["max_new_tokens"]), cancel)
+            return Generation(final, n_prompt, len(ids), reason)
         finally:
             closed.set()
             worker.join()
@@ -359,22 +426,6 @@ class SphinxChat:
         messages = qas_to_messages(qas, image)
         config = GenerationConfig(max_new_tokens=max_gen_len, temperature=temperature, top_p=top_p, seed=seed)
         return self.generate([messages], config)[0]
-
-
-def _import_formats(path: Path) -> None:
-    """Release folders are read by `sphinx_mllm.formats`, which registers its readers with the model; a folder
-    that no reader recognises is refused here with a clear message."""
-    import importlib
-    import importlib.util
-
-    from sphinx_mllm.modeling import has_checkpoint_reader
-
-    not_ours = f"{path} is not a sphinx-mllm model folder (no config.json with model_type 'sphinx')"
-    if importlib.util.find_spec("sphinx_mllm.formats") is None:
-        raise SphinxError(f"{not_ours} and the release-checkpoint reader (sphinx_mllm.formats) is not installed")
-    importlib.import_module("sphinx_mllm.formats")
-    if not has_checkpoint_reader(path):
-        raise SphinxError(f"{not_ours} nor a release folder (consolidated.*.pth + meta.json)")
 
 
 def qas_to_messages(qas: Sequence[Sequence[str | None]], image: ImageLike | None) -> list[Message]:
@@ -442,5 +493,5 @@ class ChatSession:
         self.history.append((question, "".join(parts)))
 
 
-__all__ = ["ChatSession", "Generation", "GenerationConfig", "Message", "SphinxChat", "qas_to_messages",
+__all__ = ["ChatSession", "Generation", "GenerationConfig", "Message", "SphinxChat", "TextStream", "qas_to_messages",
            "resolve_device", "resolve_dtype"]

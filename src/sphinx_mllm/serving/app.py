@@ -204,6 +204,19 @@ def count_prompt_tokens(chat: SphinxChat, conversation: list[dict[str, Any]]) ->
     return 1 + (chat.processor.num_image_tokens if has_image else 0) + count_tokens(chat, str(text))
 
 
+def _stream_usage(chat: SphinxChat, req: ChatRequest, stopped: bool, text: str, result: Generation | None,
+                  prompt_tokens: int) -> tuple[int, int, str]:
+    """(prompt tokens, completion tokens, finish_reason) of a finished stream: the generation's exact counts,
+    except when a request stop sequence cut the text, which is then counted as non-streaming answers count it.
+    A stream that reported no `Generation` (a `SphinxChat` whose `stream` is a plain iterator) is counted from
+    its text."""
+    if result is not None and not stopped:
+        return result.prompt_tokens, result.completion_tokens, result.finish_reason
+    completion = count_tokens(chat, text)
+    prompt = result.prompt_tokens if result is not None else prompt_tokens
+    return prompt, completion, "stop" if stopped or completion < req.max_tokens else "length"
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -215,6 +228,7 @@ async def _events(request: Request, req: ChatRequest, job: Job, scheduler: Sched
     assert job.deltas is not None
     stop = StopFilter(req.stop)
     pieces: list[str] = []
+    result: Generation | None = None
     finished = False
     try:
         yield _sse(chunk_body(req, {"role": "assistant", "content": ""}))
@@ -232,6 +246,9 @@ async def _events(request: Request, req: ChatRequest, job: Job, scheduler: Sched
                 continue
             if item is STREAM_END:
                 break
+            if isinstance(item, Generation):
+                result = item
+                continue
             if isinstance(item, APIError):
                 yield _sse(item.body())
                 finished = True
@@ -246,11 +263,10 @@ async def _events(request: Request, req: ChatRequest, job: Job, scheduler: Sched
         if tail:
             pieces.append(tail)
             yield _sse(chunk_body(req, {"content": tail}))
-        completion = count_tokens(chat, "".join(pieces))
-        finish = "stop" if stop.stopped or completion < req.max_tokens else "length"
+        prompt, completion, finish = _stream_usage(chat, req, stop.stopped, "".join(pieces), result, prompt_tokens)
         yield _sse(chunk_body(req, {}, finish_reason=finish))
         if req.include_usage:
-            yield _sse(chunk_body(req, None, usage=usage_body(prompt_tokens, completion)))
+            yield _sse(chunk_body(req, None, usage=usage_body(prompt, completion)))
         yield "data: [DONE]\n\n"
         finished = True
     finally:

@@ -3,7 +3,8 @@
 - Non-streaming requests with the same generation settings are batched: the worker takes the oldest one,
   gathers the other compatible waiting requests (and, for up to `batch_wait_s`, new arrivals) up to
   `max_batch_size`, and answers all of them with one `SphinxChat.generate_full` call.
-- A streaming request runs alone: its text deltas are handed to the event loop as they come; setting its
+- A streaming request runs alone: its text deltas are handed to the event loop as they come, then the answer's
+  `Generation` (exact token counts and finish_reason, from `SphinxChat.stream`'s `.result`); setting its
   `cancel` event (the client left) stops the generation and frees the worker for the next request.
 - The queue is bounded: a full queue raises `QueueFull` (the server answers 429); a closed scheduler raises
   `ShuttingDown` (503); a request that waited longer than `queue_timeout_s` is failed with 503 (overloaded).
@@ -18,7 +19,7 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +43,8 @@ class ShuttingDown(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request. Non-streaming jobs resolve `future`; streaming jobs feed `deltas` (text, then
-    `STREAM_END`, or an `APIError`)."""
+    """One request. Non-streaming jobs resolve `future`; streaming jobs feed `deltas` (text, then the answer's
+    `Generation` when the stream reports one, then `STREAM_END`; or an `APIError`)."""
 
     conversation: list[dict[str, Any]]
     config: GenerationConfig
@@ -249,10 +250,14 @@ class Scheduler:
             job.fail(APIError(500, f"generation failed: {type(exc).__name__}", code="generation_failed"))
             return
         finally:
-            if isinstance(deltas, Generator):
-                deltas.close()  # stops and joins the generation thread now, not at garbage collection
+            close = getattr(deltas, "close", None)
+            if close is not None:
+                close()  # stops and joins the generation thread now, not at garbage collection
         if job.cancel.is_set():
             self.stats["cancelled_running"] += 1
         else:
             self.stats["served"] += 1
+            result = getattr(deltas, "result", None)  # a stream of SphinxChat.stream reports its Generation
+            if isinstance(result, Generation):
+                job.send(result)
         job.send(STREAM_END)
