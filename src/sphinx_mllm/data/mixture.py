@@ -31,11 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sphinx_mllm.data.records import RecordFile, SkipReport
 from sphinx_mllm.data.sampler import LastBatch, MixtureBatchSampler, SourceLayout
-from sphinx_mllm.utils import SphinxError, get_logger
+from sphinx_mllm.utils import SphinxError, get_logger, read_yaml
 
 logger = get_logger(__name__)
 
@@ -71,12 +69,7 @@ class MixtureConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> MixtureConfig:
         path = Path(path)
-        if not path.is_file():
-            raise SphinxError(f"mixture config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise SphinxError(f"mixture config {path}: not valid YAML ({exc})") from None
+        data = read_yaml(path, "mixture config")
         return cls.from_dict(data, base_dir=path.parent, origin=str(path))
 
     @classmethod

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from sphinx_mllm.merging.methods import get_method
 from sphinx_mllm.merging.policy import (
@@ -45,7 +44,7 @@ from sphinx_mllm.merging.policy import (
 )
 from sphinx_mllm.merging.sources import TensorSource, open_source
 from sphinx_mllm.merging.writer import ShardedWriter, TensorSpec, parse_size
-from sphinx_mllm.utils import SphinxError, atomic_dir, atomic_write_text, get_logger
+from sphinx_mllm.utils import SphinxError, atomic_dir, atomic_write_text, get_logger, read_yaml
 
 logger = get_logger(__name__)
 
@@ -158,14 +157,9 @@ class MixConfig:
     def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> MixConfig:
         """Read a YAML mix config; `overrides` (e.g. flags given on the command line) replace its values."""
         path = Path(path)
-        if not path.is_file():
-            raise SphinxError(f"mix config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise SphinxError(f"mix config {path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise SphinxError(f"mix config {path}: expected a mapping of options")
+        data = read_yaml(path, "mix config")
+        if data is None:
+            raise SphinxError(f"mix config {path}: empty")
         return cls.from_dict({**data, **(overrides or {})}, origin=f"mix config {path}")
 
     @classmethod

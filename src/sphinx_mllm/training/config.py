@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sphinx_mllm.utils import SphinxError
+from sphinx_mllm.utils import SphinxError, read_yaml
 
 Stage = Literal["pretrain", "finetune", "projector"]
 Parallel = Literal["none", "ddp", "fsdp"]
@@ -292,15 +292,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
     """
     tree: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SphinxError(f"training config not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise SphinxError(f"training config {path}: not valid YAML ({exc})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise SphinxError(f"training config {path}: expected a mapping of sections")
+        loaded = read_yaml(path, "training config")
         _deep_update(tree, loaded or {})
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from sphinx_mllm.utils.errors import SphinxError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
@@ -72,3 +74,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a `SphinxError` naming `what` and the path.
+
+    An empty file reads as None; a file whose top level is not a mapping is refused.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SphinxError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SphinxError(f"{what} {path}: not valid YAML ({exc})") from None
+    if data is not None and not isinstance(data, dict):
+        raise SphinxError(f"{what} {path}: expected a mapping at the top level")
+    return data
