@@ -354,6 +354,31 @@ def _debug_encoders(convnext_view: int, convnext_input: int) -> list[EncoderSpec
     ]
 
 
+# ---- the synthetic world's preset (`sphinx-mllm world run`): the full structure at laptop-CPU size ----
+def _world_llm() -> dict[str, Any]:
+    # vocab: the world tokenizer's byte-level BPE (1024) + coordinate and phrase tokens, rounded up
+    return dict(model_type="llama", vocab_size=1152, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=False)
+
+
+def _world_encoders() -> list[EncoderSpec]:
+    # Three families on one 7 x 7 grid per view: CLIP ViT-B/16-like at 112 px, ConvNeXt at 224 px (the
+    # sub-images at the world's native resolution), DINOv2 ViT at 112 px. Pre-trained by `sphinx_mllm.world`.
+    clip = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=112,
+                patch_size=16, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64)
+    convnext = dict(patch_size=4, num_stages=4, hidden_sizes=[32, 64, 128, 192], depths=[1, 1, 3, 1],
+                    hidden_act="gelu", layer_norm_eps=1e-5, layer_scale_init_value=1e-6, image_size=224)
+    dinov2 = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4, use_swiglu_ffn=False,
+                  layerscale_value=1.0, image_size=112, patch_size=16, layer_norm_eps=1e-6, qkv_bias=True)
+    return [
+        EncoderSpec("clip", "clip_vit", clip, view_size=112, input_size=112),
+        EncoderSpec("convnext", "convnext", convnext, view_size=224, input_size=224),
+        EncoderSpec("dinov2", "dinov2", dinov2, view_size=112, input_size=112, normalization="imagenet"),
+    ]
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "sphinx": _sphinx(224, 0),
     "sphinx-1k": _sphinx(448, 2),
@@ -368,6 +393,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                      image_size=448, view_grid=2),
     "debug-moe": dict(text_config=_debug_llm(moe=True), encoders=_debug_encoders(512, 512), fusion=_FULL_GROUPS,
                       image_size=512, view_grid=0),
+    "world-tiny": dict(text_config=_world_llm(), encoders=_world_encoders(),
+                       fusion=[FusionGroup("visual_proj", ("clip", "convnext", "dinov2"), grid=7)],
+                       image_size=448, view_grid=2),
 }
 
 # The release's `meta.json` llama_type of each release preset (SPHINX.md section 2).

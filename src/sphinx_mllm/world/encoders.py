@@ -1,0 +1,556 @@
+"""Pre-training the world preset's vision encoders on world images, each by a different paradigm, before
+they are frozen (SPHINX's mixing of visual embeddings: different architectures, objectives, granularity).
+
+- `convnext` (ConvNeXt, 224 px views): dense *supervised semantics*. Every cell of its 7 x 7 map learns
+  what object sits there: category, colour, size, pose and which word is written, for two slots (things,
+  words). Convolutions are translation-equivariant and these labels are local, so it trains on aligned
+  128-px crops of its views: a quarter of the pixels per sample.
+- `dinov2` (a DINOv2 ViT, 112 px views): *masked dense geometry*. With 15% of its patches masked, every
+  cell learns where its object is: box corners and the 17 keypoints of a person, each as a distribution
+  over the hundredths "0.00".."1.00" the LLM writes (so a coordinate is linearly readable from a token).
+- `clip` (a CLIP ViT, 112 px views): *contrastive image-text*. Its class token is matched against a small
+  text transformer over the world's synthetic captions (InfoNCE both ways), CLIP's own objective.
+
+Labels come from the generator (`sphinx_mllm.world.dense`); pixels go through exactly the processor's
+pipeline and the model's view cutting, so the encoders see in training what they see in the model.
+Everything is seeded: the same seed and data give the same weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sphinx_mllm.config import CLIP_MEAN, CLIP_STD, EncoderSpec, SphinxConfig
+from sphinx_mllm.processing import ImagePreprocessor
+from sphinx_mllm.processing.views import make_views
+from sphinx_mllm.utils import SphinxError, get_logger
+from sphinx_mllm.vision.encoders import VisionEncoder, build_encoder
+from sphinx_mllm.world.canvas import derive_seed
+from sphinx_mllm.world.dense import (
+    CATEGORIES,
+    NUM_KEYPOINTS,
+    SLOTS,
+    TARGET_FIELDS,
+    WORD_VOCAB,
+    DenseObject,
+    cell_targets,
+    dense_objects,
+    view_windows,
+)
+from sphinx_mllm.world.generate import WorldConfig, load_manifest
+from sphinx_mllm.world.language import synthetic_caption
+from sphinx_mllm.world.scene import KINDS, WorldImage, sample_image
+from sphinx_mllm.world.vocab import COLOURS, POSES
+
+log = get_logger(__name__)
+
+BINS = 101
+"""Coordinate classes: the hundredths 0.00 .. 1.00 of the LLM's text."""
+CLASS_FIELDS: dict[str, int] = {
+    "category": len(CATEGORIES) + 1, "colour": len(COLOURS) + 1, "size": 4, "pose": len(POSES) + 1,
+    "word": len(WORD_VOCAB) + 1,
+}
+"""Per-cell classification targets of the semantic encoder (class 0: none)."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def world_config_of(root: str | Path) -> WorldConfig:
+    """The `WorldConfig` a world folder was generated from (its manifest)."""
+    m = load_manifest(root)
+    return WorldConfig(seed=m["seed"], size=m["size"], image_size=m["image_size"], ocr_max_words=m["ocr_max_words"],
+                       counts=m["counts"])
+
+
+def sample_split(config: WorldConfig, split: str) -> list[WorldImage]:
+    """The images of a split with their labels, in generation order, without drawing them (the generator
+    seeds each image from the world seed and its identity alone)."""
+    images = []
+    for kind in KINDS:
+        for i in range(config.counts[split].get(kind, 0)):
+            name = f"{kind}_{i:06d}"
+            rng = random.Random(derive_seed(config.seed, split, kind, i))
+            images.append(sample_image(kind, rng, config.image_size, name, 0))
+    return images
+
+
+@dataclass
+class WorldImageSet:
+    """Training images in memory: padded squares as uint8 `[N, S, S, 3]`, labels and captions."""
+
+    squares: torch.Tensor
+    objects: list[list[DenseObject]]
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return int(self.squares.shape[0])
+
+    @classmethod
+    def load(cls, root: str | Path, image_size: int, split: str = "train", limit: int | None = None) -> WorldImageSet:
+        """The split's images through the processor's square (pad, resize to `image_size`); `limit` keeps an
+        evenly spread subset."""
+        root = Path(root)
+        config = world_config_of(root)
+        images = sample_split(config, split)
+        if limit is not None and limit < len(images):
+            step = len(images) / limit
+            images = [images[int(k * step)] for k in range(limit)]
+        pre = ImagePreprocessor(image_size=image_size)
+        squares = torch.empty(len(images), image_size, image_size, 3, dtype=torch.uint8)
+        for k, image in enumerate(images):
+            path = root / "images" / split / f"{image.name}.png"
+            if not path.is_file():
+                raise SphinxError(f"world image {path} is missing")
+            square, _ = pre.square(path)
+            squares[k] = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())
+        return cls(squares, [dense_objects(im) for im in images], [synthetic_caption(im) for im in images])
+
+    def pixels(self, index: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised squares [B, 3, S, S] of the given items: the processor's tensors (the same
+        operations as `processing.normalize`)."""
+        x = self.squares[index].to(torch.float32) / 255.0  # [B, S, S, 3]
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        return (x.permute(0, 3, 1, 2) - mean) / std
+
+
+def view_targets(objects: Sequence[Sequence[DenseObject]], view_grid: int, grid: int) -> dict[str, torch.Tensor]:
+    """Per image and view: `{f"{slot}/{field}": [N, V, grid * grid, n]}`."""
+    windows = view_windows(view_grid)
+    keys = [f"{slot}/{name}" for slot in SLOTS for name in TARGET_FIELDS]
+    per_key: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for objs in objects:
+        views = [cell_targets(objs, w, grid) for w in windows]
+        for k in keys:
+            per_key[k].append(np.stack([v[k] for v in views]))
+    return {k: torch.from_numpy(np.stack(v)) for k, v in per_key.items()}
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Optimizer steps, images per step and peak learning rate of one encoder's pre-training."""
+
+    steps: int
+    batch_size: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise SphinxError(f"bad encoder budget {self}: steps and batch_size >= 1, lr > 0")
+
+
+@dataclass(frozen=True)
+class EncoderPretraining:
+    """Budgets of the three paradigms (named by encoder), the seed and bf16 autocast."""
+
+    budgets: dict[str, Budget] = field(default_factory=lambda: {
+        "convnext": Budget(400, 32, 3e-3), "dinov2": Budget(400, 32, 1e-3), "clip": Budget(200, 64, 1e-3)})
+    seed: int = 0
+    bf16: bool = True
+
+
+def _lr(step: int, total: int, peak: float) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _optimise(params: list[nn.Parameter], budget: Budget, loss_fn: Callable[[int, torch.Tensor], torch.Tensor],
+              n_items: int, seed: int, bf16: bool, name: str) -> list[float]:
+    """AdamW over `params` for `budget.steps` steps; `loss_fn(step, item_indices)` returns the loss."""
+    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.98), weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_items, generator=gen)
+    losses, pos, start = [], 0, time.perf_counter()
+    for step in range(budget.steps):
+        if pos + budget.batch_size > n_items:
+            order, pos = torch.randperm(n_items, generator=gen), 0
+        idx = order[pos : pos + budget.batch_size]
+        pos += budget.batch_size
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, budget.steps, budget.lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(step, idx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if (step + 1) % 50 == 0 or step + 1 == budget.steps:
+            log.info("%s step %d/%d loss %.4f (%.1fs)", name, step + 1, budget.steps,
+                     sum(losses[-50:]) / len(losses[-50:]), time.perf_counter() - start)
+    return losses
+
+
+def _soft_bins(values: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Coordinates [...] in [0, 1] -> Gaussian soft labels over the BINS hundredths [..., BINS]."""
+    centers = torch.arange(BINS, dtype=torch.float32) / (BINS - 1)
+    d = (values.clamp(0, 1).unsqueeze(-1) - centers) * (BINS - 1) / sigma
+    w = torch.exp(-0.5 * d * d)
+    return w / w.sum(-1, keepdim=True)
+
+
+def _class_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over masked cells (0 when none)."""
+    if not bool(mask.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[mask].float(), target[mask].long())
+
+
+def _soft_loss(logits: torch.Tensor, soft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if not bool(mask.any()):
+        return logits.sum() * 0.0
+    return -(soft[mask] * F.log_softmax(logits[mask].float(), dim=-1)).sum(-1).mean()
+
+
+def _random_views(data: WorldImageSet, idx: torch.Tensor, spec: EncoderSpec, view_grid: int,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random view (global or a sub-image) per item: pixels [B, 3, v, v] and the view numbers [B]."""
+    views = make_views(data.pixels(idx), spec.view_size, view_grid)  # [B, V, 3, v, v]
+    pick = torch.randint(0, views.shape[1], (len(idx),), generator=gen)
+    return views[torch.arange(len(idx)), pick], pick
+
+
+# ----------------------------------------------------------------------------- paradigm 1: dense semantics
+
+
+class SemanticHeads(nn.Module):
+    """Linear per-cell classifiers on a token map: presence and `CLASS_FIELDS` for each slot."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({f"{slot}_{name}": nn.Linear(width, n) for slot in SLOTS
+                                    for name, n in {"present": 1, **CLASS_FIELDS}.items()})
+
+    def loss(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """tokens [B, T, C]; targets `{f"{slot}/{field}": [B, T, n]}` -> summed mean losses."""
+        total = tokens.new_zeros((), dtype=torch.float32)
+        for slot in SLOTS:
+            present = targets[f"{slot}/present"][..., 0]  # [B, T]
+            logit = self.heads[f"{slot}_present"](tokens)[..., 0].float()
+            total = total + F.binary_cross_entropy_with_logits(logit, present)
+            for name in CLASS_FIELDS:
+                target = targets[f"{slot}/{name}"][..., 0]
+                total = total + _class_loss(self.heads[f"{slot}_{name}"](tokens), target, target > 0)
+        return total
+
+
+def _crop_cells(views: torch.Tensor, targets: dict[str, torch.Tensor], grid: int, cells: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A `cells` x `cells` window of whole cells per item: pixels [B, 3, c, c] and the window's targets."""
+    b, _, v, _ = views.shape
+    px = v // grid
+    crops, keep = [], []
+    for i in range(b):
+        oy, ox = (int(t) for t in torch.randint(0, grid - cells + 1, (2,), generator=gen))
+        crops.append(views[i, :, oy * px : (oy + cells) * px, ox * px : (ox + cells) * px])
+        rows = torch.arange(oy, oy + cells).unsqueeze(1) * grid + torch.arange(ox, ox + cells)
+        keep.append(rows.flatten())
+    index = torch.stack(keep)  # [B, cells * cells]
+    out = {k: torch.stack([t[i, index[i]] for i in range(b)]) for k, t in targets.items()}
+    return torch.stack(crops), out
+
+
+def pretrain_semantic(encoder: VisionEncoder, data: WorldImageSet, targets: dict[str, torch.Tensor], view_grid: int,
+                      budget: Budget, seed: int, bf16: bool = True, crop_cells: int = 4
+                      ) -> tuple[list[float], SemanticHeads]:
+    """Dense supervised semantics on aligned crops of random views (see the module docstring)."""
+    spec = encoder.spec
+    if spec.grid is None or spec.input_size != spec.view_size:
+        raise SphinxError(f"encoder {spec.name!r}: semantic pre-training needs a spatial map at its view size")
+    heads = SemanticHeads(spec.width)
+    gen = torch.Generator().manual_seed(derive_seed(seed, spec.name) % (1 << 63))
+    cells = min(crop_cells, spec.grid)
+
+    def loss_fn(step: int, idx: torch.Tensor) -> torch.Tensor:
+        views, which = _random_views(data, idx, spec, view_grid, gen)
+        tgt = {k: t[idx, which] for k, t in targets.items()}  # [B, g*g, n]
+        crops, tgt = _crop_cells(views, tgt, spec.grid, cells, gen)
+        return heads.loss(encoder.encode(crops), tgt)
+
+    params = [*encoder.parameters(), *heads.parameters()]
+    return _optimise(params, budget, loss_fn, len(data), seed, bf16, f"{spec.name} (semantics)"), heads
+
+
+# ----------------------------------------------------------------------------- paradigm 2: masked geometry
+
+
+class GeometryHeads(nn.Module):
+    """Per-cell presence, category, box corners and keypoints (as BINS-way distributions) of each slot."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.present = nn.Linear(width, len(SLOTS))
+        self.category = nn.Linear(width, len(SLOTS) * (len(CATEGORIES) + 1))
+        self.box = nn.Linear(width, len(SLOTS) * 4 * BINS)
+        self.keypoints = nn.Linear(width, NUM_KEYPOINTS * 2 * BINS)
+
+    def loss(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        b, t, _ = tokens.shape
+        n = len(SLOTS)
+        present = torch.stack([targets[f"{s}/present"][..., 0] for s in SLOTS], -1)  # [B, T, n]
+        total = F.binary_cross_entropy_with_logits(self.present(tokens).float(), present)
+        cat_logits = self.category(tokens).view(b, t, n, -1)
+        box_logits = self.box(tokens).view(b, t, n, 4, BINS)
+        for k, slot in enumerate(SLOTS):
+            mask = present[..., k] > 0
+            total = total + _class_loss(cat_logits[:, :, k], targets[f"{slot}/category"][..., 0], mask)
+            soft = _soft_bins(targets[f"{slot}/box"])  # [B, T, 4, BINS]
+            total = total + _soft_loss(box_logits[:, :, k], soft, mask)
+        kp = targets["thing/keypoints"].view(b, t, NUM_KEYPOINTS, 3)
+        kp_mask = kp[..., 2] > 0  # [B, T, 17]
+        kp_logits = self.keypoints(tokens).view(b, t, NUM_KEYPOINTS, 2, BINS)
+        return total + _soft_loss(kp_logits, _soft_bins(kp[..., :2]), kp_mask)
+
+
+def pretrain_geometry(encoder: VisionEncoder, data: WorldImageSet, targets: dict[str, torch.Tensor], view_grid: int,
+                      budget: Budget, seed: int, bf16: bool = True, mask_ratio: float = 0.15
+                      ) -> tuple[list[float], GeometryHeads]:
+    """Masked dense geometry on whole random views (a ViT: absolute positions come from its embeddings)."""
+    spec = encoder.spec
+    if spec.family != "dinov2" or spec.grid is None:
+        raise SphinxError(f"encoder {spec.name!r}: geometry pre-training needs a DINOv2 ViT")
+    heads = GeometryHeads(spec.width)
+    gen = torch.Generator().manual_seed(derive_seed(seed, spec.name) % (1 << 63))
+    model = encoder.model
+
+    def loss_fn(step: int, idx: torch.Tensor) -> torch.Tensor:
+        views, which = _random_views(data, idx, spec, view_grid, gen)
+        tgt = {k: t[idx, which] for k, t in targets.items()}
+        masked = torch.rand(len(idx), spec.grid * spec.grid, generator=gen) < mask_ratio
+        tokens = model(pixel_values=encoder.prepare(views), bool_masked_pos=masked).last_hidden_state
+        return heads.loss(tokens[:, 1:], tgt)
+
+    params = [*encoder.parameters(), *heads.parameters()]
+    return _optimise(params, budget, loss_fn, len(data), seed, bf16, f"{spec.name} (masked geometry)"), heads
+
+
+# ----------------------------------------------------------------------------- paradigm 3: contrastive
+
+
+class CaptionEncoder(nn.Module):
+    """A small text transformer: token + position embeddings, `layers` pre-norm blocks, mean pooling."""
+
+    def __init__(self, vocab: int, width: int = 128, layers: int = 2, heads: int = 4, max_len: int = 96) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, width))
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.max_len = max_len
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask [B, L] -> [B, width]"""
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]
+        x = self.norm(self.blocks(x, src_key_padding_mask=~mask))
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ContrastiveHeads(nn.Module):
+    """The text tower and both projections of the contrastive objective, with CLIP's learned temperature."""
+
+    def __init__(self, width: int, vocab: int, dim: int = 64) -> None:
+        super().__init__()
+        self.text = CaptionEncoder(vocab)
+        self.image_proj = nn.Linear(width, dim, bias=False)
+        self.text_proj = nn.Linear(self.text.embed.embedding_dim, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def embed(self, encoder: VisionEncoder, data: WorldImageSet, idx: torch.Tensor, caption_ids: list[list[int]]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit image and caption embeddings [B, dim] of the items (the image's global view)."""
+        views = make_views(data.pixels(idx), encoder.spec.view_size, 0)[:, 0]
+        cls = encoder.model(pixel_values=encoder.prepare(views)).pooler_output  # post-LN class token
+        ids, mask = _caption_batch([caption_ids[int(i)] for i in idx], self.text.max_len)
+        return (F.normalize(self.image_proj(cls).float(), dim=-1),
+                F.normalize(self.text_proj(self.text(ids, mask)).float(), dim=-1))
+
+
+def _caption_batch(ids: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = min(max_len, max(len(t) for t in ids))
+    out = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.bool)
+    for i, t in enumerate(ids):
+        t = t[:width]
+        out[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, : len(t)] = True
+    return out, mask
+
+
+def pretrain_contrastive(encoder: VisionEncoder, data: WorldImageSet, caption_ids: list[list[int]], vocab: int,
+                         budget: Budget, seed: int, bf16: bool = True, dim: int = 64
+                         ) -> tuple[list[float], ContrastiveHeads]:
+    """CLIP's objective: the image's class token against its caption, InfoNCE over the batch both ways."""
+    spec = encoder.spec
+    if spec.family != "clip_vit":
+        raise SphinxError(f"encoder {spec.name!r}: contrastive pre-training needs a CLIP ViT")
+    torch.manual_seed(derive_seed(seed, spec.name, "text") % (1 << 63))
+    heads = ContrastiveHeads(spec.width, vocab, dim)
+
+    def loss_fn(step: int, idx: torch.Tensor) -> torch.Tensor:
+        a, b = heads.embed(encoder, data, idx, caption_ids)
+        logits = a @ b.T * heads.logit_scale.exp().clamp(max=100)
+        labels = torch.arange(len(idx))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    params = [*encoder.parameters(), *heads.parameters()]
+    return _optimise(params, budget, loss_fn, len(data), seed, bf16, f"{spec.name} (contrastive)"), heads
+
+
+# ----------------------------------------------------------------------------- all of them
+
+
+PARADIGMS: dict[str, str] = {"convnext": "dense semantics", "dinov2": "masked dense geometry",
+                             "clip_vit": "contrastive image-text"}
+"""Encoder family -> its pre-training paradigm in the world recipe."""
+
+
+@dataclass
+class PretrainedEncoders:
+    """Trained adapters by encoder name, their objectives' heads, loss curves and seconds spent."""
+
+    encoders: dict[str, VisionEncoder]
+    heads: dict[str, nn.Module]
+    losses: dict[str, list[float]]
+    seconds: dict[str, float]
+
+
+def pretrain_encoders(config: SphinxConfig, data: WorldImageSet, tokenize: Callable[[str], list[int]], vocab: int,
+                      settings: EncoderPretraining = EncoderPretraining()) -> PretrainedEncoders:
+    """Pre-train every encoder of `config` by its family's paradigm (`PARADIGMS`) on `data`."""
+    specs = config.encoder_specs
+    missing = sorted({s.name for s in specs} - set(settings.budgets))
+    if missing:
+        raise SphinxError(f"no pre-training budget for encoder(s) {missing}")
+    grids = {s.grid for s in specs if s.grid is not None}
+    if len(grids) != 1:
+        raise SphinxError(f"world encoders must share one token grid, got {sorted(grids)}")
+    targets = view_targets(data.objects, config.view_grid, grids.pop())
+    caption_ids = [tokenize(c) for c in data.captions]
+    out = PretrainedEncoders({}, {}, {}, {})
+    for spec in specs:
+        torch.manual_seed(derive_seed(settings.seed, spec.name, "init") % (1 << 63))
+        encoder = build_encoder(spec)
+        encoder.train()
+        budget, start = settings.budgets[spec.name], time.perf_counter()
+        heads: nn.Module
+        if spec.family == "convnext":
+            losses, heads = pretrain_semantic(encoder, data, targets, config.view_grid, budget, settings.seed,
+                                              settings.bf16)
+        elif spec.family == "dinov2":
+            losses, heads = pretrain_geometry(encoder, data, targets, config.view_grid, budget, settings.seed,
+                                              settings.bf16)
+        elif spec.family == "clip_vit":
+            losses, heads = pretrain_contrastive(encoder, data, caption_ids, vocab, budget, settings.seed,
+                                                 settings.bf16)
+        else:
+            raise SphinxError(f"encoder {spec.name!r}: no world pre-training for the {spec.family} family")
+        encoder.eval().requires_grad_(False)
+        out.encoders[spec.name] = encoder
+        out.heads[spec.name] = heads.eval().requires_grad_(False)
+        out.losses[spec.name] = losses
+        out.seconds[spec.name] = time.perf_counter() - start
+        log.info("pre-trained %s (%s) in %.1fs", spec.name, PARADIGMS[spec.family], out.seconds[spec.name])
+    return out
+
+
+# ----------------------------------------------------------------------------- held-out probes
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes [..., 4] (x1, y1, x2, y2) pairwise along the leading dims."""
+    lo, hi = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = lambda x: (x[..., 2:] - x[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
+
+
+class _Tally:
+    """Hit rates by name."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[float]] = {}
+
+    def add(self, key: str, hits: torch.Tensor) -> None:
+        acc = self.counts.setdefault(key, [0.0, 0.0])
+        acc[0] += float(hits.float().sum())
+        acc[1] += hits.numel()
+
+    def rates(self) -> dict[str, float]:
+        return {k: s / max(n, 1.0) for k, (s, n) in self.counts.items()}
+
+
+@torch.no_grad()
+def probe_encoders(pre: PretrainedEncoders, config: SphinxConfig, data: WorldImageSet,
+                   tokenize: Callable[[str], list[int]], batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Held-out quality of each encoder through its own objective's heads: semantic accuracies, box IoU of the
+    geometry cells (global view) and caption retrieval among 64 of the contrastive one."""
+    specs = {s.name: s for s in config.encoder_specs}
+    grid = next(s.grid for s in specs.values() if s.grid is not None)
+    targets = view_targets(data.objects, config.view_grid, grid)
+    caption_ids = [tokenize(c) for c in data.captions]
+    out: dict[str, dict[str, float]] = {}
+    for name, encoder in pre.encoders.items():
+        heads, spec, tally = pre.heads[name], specs[name], _Tally()
+        if isinstance(heads, ContrastiveHeads):
+            for start in range(0, len(data) - 1, 64):
+                idx = torch.arange(start, min(len(data), start + 64))
+                a, b = heads.embed(encoder, data, idx, caption_ids)
+                tally.add("retrieval_top1", (a @ b.T).argmax(-1) == torch.arange(len(idx)))
+        else:
+            for start in range(0, len(data), batch_size):
+                idx = torch.arange(start, min(len(data), start + batch_size))
+                views = make_views(data.pixels(idx), spec.view_size, config.view_grid).flatten(0, 1)
+                tokens = encoder(views)
+                tokens = tokens[:, 1:] if spec.has_cls else tokens  # [B * V, g*g, C]
+                tgt = {k: t[idx].flatten(0, 1) for k, t in targets.items()}
+                _probe_batch(heads, tokens, tgt, config.num_views, tally.add)
+        out[name] = tally.rates()
+    return out
+
+
+def _probe_batch(heads: nn.Module, tokens: torch.Tensor, tgt: dict[str, torch.Tensor], views: int,
+                 add: Callable[[str, torch.Tensor], None]) -> None:
+    if isinstance(heads, SemanticHeads):
+        for slot in SLOTS:
+            present = tgt[f"{slot}/present"][..., 0] > 0
+            add(f"{slot}_present", (heads.heads[f"{slot}_present"](tokens)[..., 0] > 0) == present)
+            for name in ("category", "colour", "word") if slot == "word" else ("category", "colour", "size", "pose"):
+                target = tgt[f"{slot}/{name}"][..., 0]
+                mask = target > 0
+                if bool(mask.any()):
+                    pred = heads.heads[f"{slot}_{name}"](tokens).argmax(-1)
+                    add(f"{slot}_{name}", pred[mask] == target[mask].long())
+    elif isinstance(heads, GeometryHeads):
+        b, t, _ = tokens.shape
+        boxes = heads.box(tokens).view(b, t, len(SLOTS), 4, BINS).argmax(-1).float() / (BINS - 1)
+        is_global = (torch.arange(b) % views == 0).view(b, 1)
+        for k, slot in enumerate(SLOTS):
+            mask = (tgt[f"{slot}/present"][..., 0] > 0) & is_global
+            if bool(mask.any()):
+                iou = _box_iou(boxes[:, :, k][mask], tgt[f"{slot}/box"][mask])
+                add(f"{slot}_box_iou50_global", iou >= 0.5)
+                add(f"{slot}_box_iou70_global", iou >= 0.7)
+        kp = tgt["thing/keypoints"].view(b, t, NUM_KEYPOINTS, 3)
+        vis = kp[..., 2] > 0
+        if bool(vis.any()):
+            pred = heads.keypoints(tokens).view(b, t, NUM_KEYPOINTS, 2, BINS).argmax(-1).float() / (BINS - 1)
+            err = (pred - kp[..., :2]).abs().max(-1).values[vis]
+            add("keypoint_within_0.02", err <= 0.02)

@@ -1,0 +1,439 @@
+"""The whole SPHINX recipe on the synthetic world, end to end on a CPU (`sphinx-mllm world run`).
+
+Steps, each one the project's ordinary command or library call (every command is written to
+`commands.sh` in the run folder, so the run is also a working example for real data):
+
+1. `world`: generate the world (`sphinx-mllm world generate`).
+2. `tokenizer`: a byte-level BPE on the world's text (`world.tokenizer`).
+3. `encoders`: pre-train the preset's three encoders by three paradigms and freeze them (`world.encoders`);
+   save the initial model (random LLM) as `init/`.
+4. `features`: cache the frozen encoders' outputs once (`sphinx-mllm cache-features`).
+5. for the sighted model and its **blind twin** (every image replaced by a blank one, i.e. zeroed pixels):
+   `projector` warm-up (`sphinx-mllm train`, stage projector), `pretrain_real` on real-domain captions
+   with the LLM unfrozen, `pretrain_synthetic` continuing on synthetic captions, `mix` of the two
+   (`sphinx-mllm mix --beta`), `finetune` on the packed multi-task mixture, `evaluate` every task with its
+   real metric (`sphinx-mllm eval run`) on a seeded subset of the held-out records.
+6. `report`: Markdown + JSON + PNG plots (`world.report`).
+
+Finished steps are recorded in `steps.json`; running again into the same folder resumes after the last
+finished step. Sizes of both plans (default, quick) are in `PLANS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from PIL import Image
+
+from sphinx_mllm.config import SphinxConfig
+from sphinx_mllm.processing import PAD_FILL, SphinxProcessor, load_tokenizer
+from sphinx_mllm.tasks import TASKS
+from sphinx_mllm.utils import SphinxError, atomic_write_text, get_logger
+from sphinx_mllm.world.canvas import derive_seed
+from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders
+from sphinx_mllm.world.generate import WorldConfig, ensure_world
+from sphinx_mllm.world.measure import held_out_loss, load_for_loss
+from sphinx_mllm.world.packing import pack_mixture_files, read_records
+from sphinx_mllm.world.tokenizer import train_world_tokenizer
+
+log = get_logger(__name__)
+
+Runner = Callable[[Sequence[str]], None]
+"""Runs one `sphinx-mllm` command line (without the program name); raises on failure."""
+ARMS: tuple[str, ...] = ("sighted", "blind")
+PRESET = "world-tiny"
+BLANK_IMAGE = "blank.png"
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `sphinx-mllm train` run: optimizer steps, global and micro batch, peak lr, warm-up steps."""
+
+    steps: int
+    batch_size: int
+    micro_batch_size: int
+    lr: float
+    warmup: int = 10
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """Every size of a run."""
+
+    name: str
+    world: Mapping[str, Mapping[str, int]]  # images per split and kind
+    encoders: EncoderPretraining
+    projector: Stage
+    pretrain_real: Stage
+    pretrain_synthetic: Stage
+    finetune: Stage
+    eval_limits: Mapping[str, int]  # held-out records per task
+    pack_ratios: Mapping[str, float] = field(default_factory=dict)
+    pack_max_tokens: int = 1024
+    beta: float = 0.5
+    encoder_images: int | None = None  # training images for encoder pre-training (None: all)
+    caption_loss_items: int = 96
+    image_size: int = 448
+    vocab_size: int = 1024
+
+
+_ALL_TASKS_EVAL = {"vqa": 150, "gqa": 60, "rec": 120, "reg": 60, "relation": 60, "caption": 40,
+                   "grounded_caption": 40, "detection": 80, "layout": 60, "keypoints": 40, "ocr": 24}
+PLANS: dict[str, RecipePlan] = {
+    "default": RecipePlan(
+        name="default",
+        world={"train": {"shapes": 1600, "people": 500, "signs": 300, "document": 300},
+               "eval": {"shapes": 120, "people": 50, "signs": 30, "document": 30}},
+        encoders=EncoderPretraining({"convnext": Budget(500, 32, 3e-3), "dinov2": Budget(500, 32, 1e-3),
+                                     "clip": Budget(150, 64, 1e-3)}),
+        projector=Stage(20, 16, 16, 2e-3, warmup=5),
+        pretrain_real=Stage(60, 16, 16, 2e-3),
+        pretrain_synthetic=Stage(60, 16, 16, 2e-3),
+        finetune=Stage(300, 8, 4, 2e-3, warmup=20),
+        eval_limits=_ALL_TASKS_EVAL,
+        pack_ratios={"caption": 0.3, "conversation": 0.3, "gqa": 0.5, "reg": 0.5, "relation": 0.5},
+    ),
+    "quick": RecipePlan(
+        name="quick",
+        world={"train": {"shapes": 360, "people": 100, "signs": 40, "document": 40},
+               "eval": {"shapes": 60, "people": 20, "signs": 10, "document": 10}},
+        encoders=EncoderPretraining({"convnext": Budget(80, 32, 3e-3), "dinov2": Budget(80, 32, 1e-3),
+                                     "clip": Budget(40, 64, 1e-3)}),
+        projector=Stage(5, 16, 16, 2e-3, warmup=2),
+        pretrain_real=Stage(10, 16, 16, 2e-3, warmup=3),
+        pretrain_synthetic=Stage(10, 16, 16, 2e-3, warmup=3),
+        finetune=Stage(60, 8, 4, 2e-3, warmup=10),
+        eval_limits={"vqa": 80, "rec": 40},
+        pack_ratios={"caption": 0.3, "conversation": 0.3, "gqa": 0.5, "reg": 0.5, "relation": 0.5},
+        caption_loss_items=32,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """What `sphinx-mllm world run` was asked: output folder, plan, seed, LLM, blind twin on or off."""
+
+    out: Path
+    plan: RecipePlan
+    seed: int = 0
+    llm: str = "small"
+    blind: bool = True
+
+    def __post_init__(self) -> None:
+        if self.llm not in ("small", "smollm2"):
+            raise SphinxError(f"unknown --llm {self.llm!r}; known: small, smollm2")
+
+
+TARGETS: dict[str, dict[str, float]] = {
+    "default": {"vqa.accuracy": 0.85, "rec.accuracy": 0.50, "detection.AP50": 0.30, "keypoints.AP": 0.20,
+                "layout.AP50": 0.30, "ocr.word_recall": 0.30},
+    "quick": {"vqa.accuracy - blind": 0.25, "rec.accuracy": 0.15},
+}
+"""The issue's bars per plan: metric (task.key, or a difference with the blind twin) -> minimum."""
+
+
+def cli_runner(argv: Sequence[str]) -> None:
+    """Run `sphinx-mllm ARGV` as a subprocess (the recipe's default runner; the CLI passes an in-process one)."""
+    subprocess.run([sys.executable, "-m", "sphinx_mllm.cli.main", *argv], check=True)
+
+
+def _write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _write_yaml(path: Path, data: Mapping[str, Any], comment: str) -> Path:
+    atomic_write_text(path, f"# {comment}\n" + yaml.safe_dump(dict(data), sort_keys=False))
+    return path
+
+
+def _mixture(path: Path, files: Sequence[tuple[str, str]], root: Path, comment: str) -> Path:
+    """A mixture YAML over record files (paths relative to the YAML) with images under `root`."""
+    meta = [{"path": f, "type": kind, "root": os.path.relpath(root, path.parent)} for f, kind in files]
+    return _write_yaml(path, {"META": meta, "seed": 0}, comment)
+
+
+class WorldRecipe:
+    """Runs the recipe into `options.out` (see the module docstring); `runner` executes CLI commands."""
+
+    def __init__(self, options: RecipeOptions, runner: Runner = cli_runner) -> None:
+        self.o = options
+        self.plan = options.plan
+        self.out = options.out
+        self.runner = runner
+        self.world = self.out / "world"
+        self.steps_file = self.out / "steps.json"
+        self.steps: dict[str, dict[str, Any]] = {}
+        if self.steps_file.is_file():
+            self.steps = json.loads(self.steps_file.read_text())
+
+    # ------------------------------------------------------------------------- bookkeeping
+    def cli(self, *argv: str | os.PathLike) -> None:
+        """Run one `sphinx-mllm` command and append it to commands.sh."""
+        args = [str(a) for a in argv]
+        with (self.out / "commands.sh").open("a", encoding="utf-8") as f:
+            f.write("sphinx-mllm " + shlex.join(args) + "\n")
+        log.info("$ sphinx-mllm %s", shlex.join(args))
+        self.runner(args)
+
+    def step(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run `fn` unless `name` finished before; record its seconds and result in steps.json."""
+        if name in self.steps:
+            log.info("step %s: done before (%.1fs), skipped", name, self.steps[name]["seconds"])
+            return self.steps[name].get("result")
+        log.info("step %s", name)
+        start = time.perf_counter()
+        result = fn()
+        self.steps[name] = {"seconds": round(time.perf_counter() - start, 2), "result": result}
+        atomic_write_text(self.steps_file, json.dumps(self.steps, indent=1) + "\n")
+        return result
+
+    def arm_dir(self, arm: str) -> Path:
+        return self.out / arm
+
+    # ------------------------------------------------------------------------- shared steps
+    def make_world(self) -> dict[str, Any]:
+        from sphinx_mllm.world.generate import generate_world, load_manifest
+
+        config = WorldConfig(seed=self.o.seed, size=self.plan.name, image_size=self.plan.image_size,
+                             counts=self.plan.world)
+        try:
+            manifest = load_manifest(self.world)
+            same = {k: manifest.get(k) for k in config.as_dict()} == config.as_dict()
+        except SphinxError:
+            same = False
+        if not same:
+            generate_world(self.world, config, overwrite=True, workers=2)
+        manifest = ensure_world(self.world, config)
+        return {"images": {s: manifest[s]["images"] for s in ("train", "eval")}, "records": manifest["records"]}
+
+    def make_tokenizer(self) -> dict[str, Any]:
+        train_world_tokenizer(self.world, self.out / "tokenizer", self.plan.vocab_size, overwrite=True)
+        return {"vocab": len(load_tokenizer(self.out / "tokenizer"))}
+
+    def model_config(self) -> SphinxConfig:
+        return SphinxConfig.from_preset(PRESET, image_size=self.plan.image_size)
+
+    def make_encoders(self) -> dict[str, Any]:
+        from sphinx_mllm.modeling import SphinxForConditionalGeneration
+
+        config = self.model_config()
+        tokenizer = load_tokenizer(self.out / "tokenizer")
+        if len(tokenizer) > config.text_config.vocab_size:
+            raise SphinxError(f"the tokenizer has {len(tokenizer)} tokens, more than the preset's LLM vocabulary "
+                              f"({config.text_config.vocab_size})")
+        data = WorldImageSet.load(self.world, config.image_size, "train", self.plan.encoder_images)
+        settings = replace(self.plan.encoders, seed=self.o.seed)
+        pre = pretrain_encoders(config, data, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+                                len(tokenizer), settings)
+        torch.manual_seed(self.o.seed)
+        model = SphinxForConditionalGeneration(config)
+        assert model.vision is not None
+        for name, encoder in pre.encoders.items():
+            model.vision.encoders[name].load_state_dict(encoder.state_dict())
+        model.vision.apply_freeze()
+        init = self.out / "init"
+        model.save_pretrained(init)
+        SphinxProcessor.from_config(config, tokenizer).save_pretrained(init)
+        curves = {"losses": pre.losses, "seconds": pre.seconds}
+        atomic_write_text(self.out / "encoders.json", json.dumps(curves) + "\n")
+        return {"seconds": pre.seconds, "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in pre.losses.items()},
+                "images": len(data)}
+
+    # ------------------------------------------------------------------------- data of the two arms
+    def make_data(self) -> dict[str, Any]:
+        """Packed fine-tuning data, held-out subsets, and the blind copies of everything."""
+        config = self.model_config()
+        tokenizer = load_tokenizer(self.out / "tokenizer")
+        processor = SphinxProcessor.from_config(config, tokenizer)
+        prefix = len(processor.encode_conversation([("human", "x"), ("gpt", "y")], False)[0]) - 4
+        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        train = self.world / "train"
+        files = {t: train / f"{t}.jsonl" for t in TASKS if (train / f"{t}.jsonl").is_file()}
+        data = self.out / "data"
+        pack_mixture_files(files, data / "finetune", count, max_tokens=self.plan.pack_max_tokens,
+                           image_tokens=config.num_image_tokens, prefix_tokens=prefix, images_root=self.world,
+                           ratios=self.plan.pack_ratios, seed=self.o.seed)
+        held = {}
+        for task, limit in self.plan.eval_limits.items():
+            records = read_records(self.world / "eval" / f"{task}.jsonl")
+            rng = random.Random(derive_seed(self.o.seed, "eval", task))
+            chosen = sorted(rng.sample(range(len(records)), k=min(limit, len(records))))
+            _write_jsonl(data / "eval" / f"{task}.jsonl", [records[i] for i in chosen])
+            held[task] = len(chosen)
+        for domain in ("real", "synthetic"):
+            _mixture(data / f"eval_caption_{domain}.yaml",
+                     [(os.path.relpath(self.world / "eval" / f"caption_{domain}.jsonl", data), "caption")],
+                     self.world, f"held-out {domain}-domain captions")
+        if self.o.blind:
+            self._blind_data(data)
+        return {"eval_items": held, "packed_dialogs": sum(1 for _ in (data / "finetune" / "packed.jsonl").open())}
+
+    def _blind_data(self, data: Path) -> None:
+        """The blind twin's copies: every record's image is `blank.png`, a square of the padding colour (pixel
+        values zero after normalisation); sizes and text are unchanged."""
+        blind = self.out / "blind" / "data"
+        blind.mkdir(parents=True, exist_ok=True)
+        side = self.plan.image_size
+        Image.new("RGB", (side, side), PAD_FILL).save(blind / BLANK_IMAGE)
+
+        def blank(src: Path, dst: Path) -> None:
+            _write_jsonl(dst, [{**r, "image": BLANK_IMAGE} for r in read_records(src)])
+
+        for domain in ("real", "synthetic"):
+            blank(self.world / "train" / f"caption_{domain}.jsonl", blind / f"caption_{domain}.jsonl")
+            _mixture(blind / f"pretrain_{domain}.yaml", [(f"caption_{domain}.jsonl", "caption")], blind,
+                     f"blind twin: {domain}-domain captions, blank images")
+            blank(self.world / "eval" / f"caption_{domain}.jsonl", blind / f"eval_caption_{domain}.jsonl")
+            _mixture(blind / f"eval_caption_{domain}.yaml", [(f"eval_caption_{domain}.jsonl", "caption")], blind,
+                     f"blind twin: held-out {domain}-domain captions")
+        blank(data / "finetune" / "packed.jsonl", blind / "finetune.jsonl")
+        _mixture(blind / "finetune.yaml", [("finetune.jsonl", "image_text")], blind, "blind twin: packed fine-tuning")
+        for path in sorted((data / "eval").glob("*.jsonl")):
+            blank(path, blind / "eval" / path.name)
+
+    def arm_paths(self, arm: str) -> dict[str, Path]:
+        """Mixtures, feature cache and image root of one arm."""
+        if arm == "sighted":
+            return {"pretrain_real": self.world / "mixtures" / "pretrain_real.yaml",
+                    "pretrain_synthetic": self.world / "mixtures" / "pretrain_synthetic.yaml",
+                    "finetune": self.out / "data" / "finetune" / "mixture.yaml",
+                    "eval_caption_real": self.out / "data" / "eval_caption_real.yaml",
+                    "eval_caption_synthetic": self.out / "data" / "eval_caption_synthetic.yaml",
+                    "eval": self.out / "data" / "eval", "images": self.world, "features": self.out / "features"}
+        blind = self.out / "blind" / "data"
+        return {"pretrain_real": blind / "pretrain_real.yaml", "pretrain_synthetic": blind / "pretrain_synthetic.yaml",
+                "finetune": blind / "finetune.yaml", "eval_caption_real": blind / "eval_caption_real.yaml",
+                "eval_caption_synthetic": blind / "eval_caption_synthetic.yaml", "eval": blind / "eval",
+                "images": blind, "features": self.out / "blind" / "features"}
+
+    def make_features(self, arm: str) -> dict[str, Any]:
+        paths = self.arm_paths(arm)
+        for mixture in (paths["pretrain_real"], paths["eval_caption_real"]):
+            self.cli("cache-features", "--model", self.out / "init", "--mixture", mixture, "--output",
+                     paths["features"], "--batch-size", "16", "--dtype", "bfloat16")
+        return {"shards": len(list(paths["features"].glob("shard-*.safetensors")))}
+
+    # ------------------------------------------------------------------------- the LLM stages of one arm
+    def train_stage(self, arm: str, name: str, stage: str, spec: Stage, model: Path, mixture: Path,
+                    max_length: int) -> dict[str, Any]:
+        """Write the stage's training YAML and run `sphinx-mllm train` on it."""
+        out = self.arm_dir(arm) / name
+        config = {
+            "model": {"name": str(model), "dtype": "float32"},
+            "data": {"mixture": str(mixture), "batch_size": spec.batch_size, "micro_batch_size": spec.micro_batch_size,
+                     "max_length": max_length, "feature_cache": str(self.arm_paths(arm)["features"]),
+                     "group_by_length": False},
+            "stage": stage,
+            "optim": {"lr": spec.lr, "warmup_steps": spec.warmup, "min_lr_ratio": 0.1, "grad_clip": 1.0},
+            "run": {"output_dir": str(out), "max_steps": spec.steps, "log_every": max(1, min(10, spec.steps // 10)),
+                    "seed": self.o.seed, "bf16": True, "parallel": "none", "device": "cpu"},
+        }
+        path = _write_yaml(self.out / "configs" / arm / f"{name}.yaml", config,
+                           f"{arm} arm, step {name}: sphinx-mllm train {self.out / 'configs' / arm / name}.yaml")
+        self.cli("train", path, "--no-progress")
+        return {"steps": spec.steps, "final": str(out / "final")}
+
+    def caption_losses(self, arm: str) -> dict[str, Any]:
+        """Held-out caption loss per domain of both specialists and the mixed model (the mixing criterion)."""
+        paths = self.arm_paths(arm)
+        base = self.arm_dir(arm)
+        out: dict[str, dict[str, float]] = {}
+        for label, folder in (("real", base / "pretrain_real" / "final"),
+                              ("synthetic", base / "pretrain_synthetic" / "final"), ("mixed", base / "mixed")):
+            model, processor = load_for_loss(folder)
+            out[label] = {}
+            for domain in ("real", "synthetic"):
+                loss = held_out_loss(model, processor, paths[f"eval_caption_{domain}"], feature_cache=paths["features"],
+                                     limit=self.plan.caption_loss_items, shuffled=False)
+                out[label][domain] = loss.loss
+        verdict = {d: out["mixed"][d] <= (out["real"][d] + out["synthetic"][d]) / 2 for d in ("real", "synthetic")}
+        return {"losses": out, "mixed_not_worse_than_mean": verdict}
+
+    def evaluate(self, arm: str) -> dict[str, Any]:
+        paths = self.arm_paths(arm)
+        model = self.arm_dir(arm) / "finetune" / "final"
+        metrics = {}
+        for task in self.plan.eval_limits:
+            run_dir = self.arm_dir(arm) / "eval" / task
+            self.cli("eval", "run", "--model", model, "--benchmark", paths["eval"] / f"{task}.jsonl", "--images-root",
+                     paths["images"], "--output", run_dir, "--batch-size", "16", "--device", "cpu", "--no-progress")
+            metrics[task] = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+        return metrics
+
+    def shuffle_check(self) -> dict[str, Any]:
+        """Held-out answer loss of the fine-tuned model with its images and with images swapped between items."""
+        data = self.out / "data"
+        tasks = [t for t in ("vqa", "rec") if (data / "eval" / f"{t}.jsonl").is_file()]
+        mixture = _mixture(data / "shuffle_check.yaml", [(f"eval/{t}.jsonl", "image_text") for t in tasks], self.world,
+                           "held-out records of the shuffle check")
+        model, processor = load_for_loss(self.arm_dir("sighted") / "finetune" / "final")
+        loss = held_out_loss(model, processor, mixture, limit=64, batch_size=8)
+        return loss.as_dict()
+
+    def run_arm(self, arm: str) -> None:
+        plan, paths, base = self.plan, self.arm_paths(arm), self.arm_dir(arm)
+        self.step(f"{arm}/features", lambda: self.make_features(arm))
+        caption_len = 384
+        self.step(f"{arm}/projector", lambda: self.train_stage(
+            arm, "projector", "projector", plan.projector, self.out / "init", paths["pretrain_synthetic"], caption_len))
+        self.step(f"{arm}/pretrain_real", lambda: self.train_stage(
+            arm, "pretrain_real", "pretrain", plan.pretrain_real, base / "projector" / "final", paths["pretrain_real"],
+            caption_len))
+        self.step(f"{arm}/pretrain_synthetic", lambda: self.train_stage(
+            arm, "pretrain_synthetic", "pretrain", plan.pretrain_synthetic, base / "pretrain_real" / "final",
+            paths["pretrain_synthetic"], caption_len))
+        self.step(f"{arm}/mix", lambda: self.cli(
+            "mix", base / "pretrain_real" / "final", base / "pretrain_synthetic" / "final", "-o", base / "mixed",
+            "--beta", str(plan.beta), "--overwrite", "--no-progress"))
+        self.step(f"{arm}/caption_losses", lambda: self.caption_losses(arm))
+        self.step(f"{arm}/finetune", lambda: self.train_stage(
+            arm, "finetune", "finetune", plan.finetune, base / "mixed", paths["finetune"], plan.pack_max_tokens + 64))
+        self.step(f"{arm}/evaluate", lambda: self.evaluate(arm))
+
+    # ------------------------------------------------------------------------- everything
+    def run(self) -> dict[str, Any]:
+        """All steps (resuming after the last finished one); returns the summary also written as report.json."""
+        from sphinx_mllm.world.report import write_report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "options.json", json.dumps(
+            {"plan": asdict(self.plan), "seed": self.o.seed, "llm": self.o.llm, "blind": self.o.blind},
+            indent=1, default=str) + "\n")
+        start = time.perf_counter()
+        self.step("world", self.make_world)
+        self.step("tokenizer", self.make_tokenizer)
+        self.step("encoders", self.make_encoders)
+        self.step("data", self.make_data)
+        for arm in ARMS if self.o.blind else ARMS[:1]:
+            self.run_arm(arm)
+        self.step("shuffle_check", self.shuffle_check)
+        summary = write_report(self.out, self.steps, self.plan, TARGETS.get(self.plan.name, {}),
+                               seconds=time.perf_counter() - start)
+        return summary
+
+
+def run_recipe(out: str | os.PathLike, quick: bool = False, seed: int = 0, llm: str = "small", blind: bool = True,
+               runner: Runner = cli_runner) -> dict[str, Any]:
+    """Run the world recipe into `out` (see the module docstring) and return its summary."""
+    options = RecipeOptions(Path(out), PLANS["quick" if quick else "default"], seed, llm, blind)
+    return WorldRecipe(options, runner).run()
+
+
+__all__ = ["ARMS", "PLANS", "PRESET", "TARGETS", "RecipeOptions", "RecipePlan", "Stage", "WorldRecipe", "cli_runner",
+           "run_recipe"]
