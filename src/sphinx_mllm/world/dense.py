@@ -136,6 +136,8 @@ def _free_cell(taken: np.ndarray, gx: float, gy: float) -> tuple[int, int] | Non
     """The free cell nearest to grid point (gx, gy) within one cell of the cell holding it."""
     grid = taken.shape[0]
     r0, c0 = min(int(gy), grid - 1), min(int(gx), grid - 1)
+    if not taken[r0, c0]:
+        return r0, c0
     best, best_d = None, float("inf")
     for r in range(max(0, r0 - 1), min(grid, r0 + 2)):
         for c in range(max(0, c0 - 1), min(grid, c0 + 2)):

@@ -212,10 +212,16 @@ def _class_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     return F.cross_entropy(logits[mask].float(), target[mask].long())
 
 
+def _soft_ce(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against soft labels over the last dim."""
+    return -(soft * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
 def _soft_loss(logits: torch.Tensor, soft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`_soft_ce` over the masked entries (0 when none)."""
     if not bool(mask.any()):
         return logits.sum() * 0.0
-    return -(soft[mask] * F.log_softmax(logits[mask].float(), dim=-1)).sum(-1).mean()
+    return _soft_ce(logits[mask], soft[mask])
 
 
 def _random_views(data: WorldImageSet, idx: torch.Tensor, spec: EncoderSpec, view_grid: int,
@@ -301,21 +307,26 @@ class GeometryHeads(nn.Module):
         self.keypoints = nn.Linear(width, NUM_KEYPOINTS * 2 * BINS)
 
     def loss(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        b, t, _ = tokens.shape
-        n = len(SLOTS)
+        """tokens [B, T, C]; the box and keypoint heads run only on the cells that hold an object."""
         present = torch.stack([targets[f"{s}/present"][..., 0] for s in SLOTS], -1)  # [B, T, n]
         total = F.binary_cross_entropy_with_logits(self.present(tokens).float(), present)
-        cat_logits = self.category(tokens).view(b, t, n, -1)
-        box_logits = self.box(tokens).view(b, t, n, 4, BINS)
+        n = len(SLOTS)
         for k, slot in enumerate(SLOTS):
             mask = present[..., k] > 0
-            total = total + _class_loss(cat_logits[:, :, k], targets[f"{slot}/category"][..., 0], mask)
-            soft = _soft_bins(targets[f"{slot}/box"])  # [B, T, 4, BINS]
-            total = total + _soft_loss(box_logits[:, :, k], soft, mask)
-        kp = targets["thing/keypoints"].view(b, t, NUM_KEYPOINTS, 3)
-        kp_mask = kp[..., 2] > 0  # [B, T, 17]
-        kp_logits = self.keypoints(tokens).view(b, t, NUM_KEYPOINTS, 2, BINS)
-        return total + _soft_loss(kp_logits, _soft_bins(kp[..., :2]), kp_mask)
+            if not bool(mask.any()):
+                continue
+            cells = tokens[mask]  # [M, C]
+            cat = self.category(cells).view(len(cells), n, -1)[:, k]
+            total = total + F.cross_entropy(cat.float(), targets[f"{slot}/category"][mask][:, 0].long())
+            box = self.box(cells).view(len(cells), n, 4, BINS)[:, k]
+            total = total + _soft_ce(box, _soft_bins(targets[f"{slot}/box"][mask]))
+        kp = targets["thing/keypoints"].view(*tokens.shape[:2], NUM_KEYPOINTS, 3)
+        person = kp[..., 2].amax(-1) > 0  # [B, T]
+        if bool(person.any()):
+            points = kp[person]  # [P, 17, 3]
+            logits = self.keypoints(tokens[person]).view(len(points), NUM_KEYPOINTS, 2, BINS)
+            total = total + _soft_loss(logits, _soft_bins(points[..., :2]), points[..., 2] > 0)
+        return total
 
 
 def pretrain_geometry(encoder: VisionEncoder, data: WorldImageSet, targets: dict[str, torch.Tensor], view_grid: int,

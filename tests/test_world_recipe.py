@@ -1,0 +1,91 @@
+"""`sphinx-mllm world run --quick` end to end, as CI runs it: every step through the project's CLI, the
+blind twin, the report, resuming, and the demo on the trained model. (Pieces: test_world_recipe_parts.py.)"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from sphinx_mllm.cli.main import main as cli_main
+from sphinx_mllm.world.recipe import ARMS, PLANS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world-run") / "run"
+    assert cli_main(["world", "run", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def _steps(run: Path) -> dict:
+    return json.loads((run / "steps.json").read_text())
+
+
+def test_every_step_ran_through_the_cli_for_both_arms(quick_run: Path) -> None:
+    steps = _steps(quick_run)
+    for arm in ARMS:
+        for stage in ("features", "projector", "pretrain_real", "pretrain_synthetic", "mix", "caption_losses",
+                      "finetune", "evaluate"):
+            assert f"{arm}/{stage}" in steps, f"{arm}/{stage} missing"
+        assert (quick_run / arm / "finetune" / "final" / "config.json").is_file()
+    commands = (quick_run / "commands.sh").read_text().splitlines()
+    verbs = {line.split()[1] for line in commands}
+    assert {"cache-features", "train", "mix", "eval"} <= verbs
+    # each arm trains 4 stages and evaluates every held-out task of the plan
+    assert sum(line.startswith("sphinx-mllm train ") for line in commands) == 4 * len(ARMS)
+    evals = sum(line.startswith("sphinx-mllm eval run") for line in commands)
+    assert evals == len(ARMS) * len(PLANS["quick"].eval_limits)
+    # the blind twin saw only the blank image
+    blind_records = (quick_run / "blind" / "data" / "finetune.jsonl").read_text().splitlines()
+    assert blind_records and all(json.loads(r)["image"] == "blank.png" for r in blind_records)
+
+
+def test_report_has_targets_metrics_of_both_arms_and_plots(quick_run: Path) -> None:
+    summary = json.loads((quick_run / "report.json").read_text())
+    assert [row["metric"] for row in summary["targets"]] == ["vqa.accuracy - blind", "rec.accuracy"]
+    for row in summary["targets"]:
+        assert row["value"] is not None and row["met"] == (row["value"] >= row["target"])
+    for arm in ARMS:
+        for task in PLANS["quick"].eval_limits:
+            assert 0.0 <= summary["metrics"][arm][task]["accuracy"] <= 1.0
+    report = (quick_run / "report.md").read_text()
+    assert "## Targets" in report and "blind twin" in report and "## Shuffle check" in report
+    for name in ("loss_curves.png", "encoders.png", "metrics.png", "examples.png"):
+        assert (quick_run / "plots" / name).read_bytes().startswith(PNG), name
+
+
+def test_caption_specialists_specialise_and_the_mix_is_no_worse_than_their_mean(quick_run: Path) -> None:
+    """SPHINX's weight-mixing claim, measured on held-out captions of each domain."""
+    for arm in ARMS:
+        result = _steps(quick_run)[f"{arm}/caption_losses"]["result"]
+        losses = result["losses"]
+        assert losses["real"]["real"] < losses["synthetic"]["real"]
+        assert losses["synthetic"]["synthetic"] < losses["real"]["synthetic"]
+        assert result["mixed_not_worse_than_mean"] == {"real": True, "synthetic": True}
+
+
+def test_a_rerun_resumes_after_the_last_finished_step(quick_run: Path) -> None:
+    before = _steps(quick_run)
+    start = time.perf_counter()
+    assert cli_main(["world", "run", "--quick", "--out", str(quick_run)]) == 0
+    assert time.perf_counter() - start < 60  # nothing retrained: only the report is rewritten
+    assert _steps(quick_run) == before
+
+
+def test_world_demo_answers_held_out_questions(quick_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    draw = quick_run / "demo"
+    assert cli_main(["world", "demo", "--run", str(quick_run), "--n", "2", "--draw", str(draw)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  truth:") == 4 and out.count("  sighted:") == 4 and out.count("  blind:") == 4
+    drawn = sorted(draw.glob("*.png"))
+    assert len(drawn) == 2 and all(p.read_bytes().startswith(PNG) for p in drawn)
+
+
+def test_world_demo_without_a_run_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["world", "demo", "--run", str(tmp_path / "nothing")]) == 2
+    assert "world run" in capsys.readouterr().err

@@ -1,0 +1,238 @@
+"""Pieces of the world recipe: tokenizer, dense labels, packing, encoder pre-training determinism, report
+logic and the `world run` command line. The full recipe runs in test_world_recipe.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sphinx_mllm.cli.main import main as cli_main
+from sphinx_mllm.config import SphinxConfig
+from sphinx_mllm.data.mixture import MixtureDataset
+from sphinx_mllm.geometry import box_from_pixels, point_from_pixels
+from sphinx_mllm.processing import SphinxProcessor, load_tokenizer
+from sphinx_mllm.utils.errors import SphinxError
+from sphinx_mllm.world import WorldConfig, generate_world, world_image
+from sphinx_mllm.world.dense import CATEGORIES, DenseObject, cell_targets, dense_objects, view_windows
+from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders, sample_split
+from sphinx_mllm.world.packing import pack_records
+from sphinx_mllm.world.report import check_targets
+from sphinx_mllm.world.tokenizer import COORDINATE_TOKENS, train_world_tokenizer
+
+CONFIG = WorldConfig(seed=5, size="small", image_size=224)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("world") / "w"
+    generate_world(root, CONFIG)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_world_tokenizer(world, tmp_path_factory.mktemp("tok") / "tok", vocab_size=400)
+
+
+def _records(world: Path, split: str, task: str) -> list[dict]:
+    return [json.loads(line) for line in (world / split / f"{task}.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_ids_and_coordinates(tokenizer_dir: Path) -> None:
+    tok = load_tokenizer(tokenizer_dir)
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert len(tok) == 400 + len(COORDINATE_TOKENS) + 2  # BPE + coordinates + <p>, </p>
+    ids = tok("[0.95,0.43,1.00,0.06]", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["[", "0.95", ",", "0.43", ",", "1.00", ",", "0.06", "]"]
+    ids = tok("<p>red box</p>", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[0] == "<p>" and tok.convert_ids_to_tokens(ids)[-1] == "</p>"
+
+
+def test_tokenizer_round_trips_world_text_and_labels_answers(world: Path, tokenizer_dir: Path) -> None:
+    tok = load_tokenizer(tokenizer_dir)
+    for task in ("rec", "ocr", "keypoints", "vqa"):
+        for record in _records(world, "train", task)[:5]:
+            for turn in record["conversations"]:
+                ids = tok(turn["value"], add_special_tokens=False)["input_ids"]
+                assert tok.decode(ids) == turn["value"]
+    processor = SphinxProcessor(tok, image_size=224, num_image_tokens=3)
+    ids, labels = processor.encode_conversation([("human", "Where?"), ("gpt", "[0.10,0.20,0.30,0.40]")], True)
+    assert ids[:4] == [1, 0, 0, 0] and ids[-1] == 2
+    assert tok.decode([t for t, lab in zip(ids, labels) if lab != -100]) == " [0.10,0.20,0.30,0.40]\n###"
+
+
+def test_tokenizer_rejects_a_tiny_vocabulary(world: Path, tmp_path: Path) -> None:
+    with pytest.raises(SphinxError, match="too small"):
+        train_world_tokenizer(world, tmp_path / "t", vocab_size=100)
+
+
+# ----------------------------------------------------------------------------- dense labels
+
+
+def test_sample_split_rebuilds_the_generators_images() -> None:
+    images = sample_split(CONFIG, "train")
+    assert len(images) == sum(CONFIG.counts["train"].values())
+    for image in images[::7]:
+        kind, index = image.name.rsplit("_", 1)
+        ref = world_image(CONFIG, "train", kind, int(index))
+        assert (image.size, image.shapes, image.people, image.words, image.page) == \
+               (ref.size, ref.shapes, ref.people, ref.words, ref.page)
+
+
+def test_dense_objects_agree_with_the_records(world: Path) -> None:
+    by_name = {im.name: im for im in sample_split(CONFIG, "train")}
+    checked = 0
+    for record in _records(world, "train", "rec"):
+        image = by_name[Path(record["image"]).stem]
+        want = box_from_pixels(record["meta"]["box"], record["width"], record["height"])
+        boxes = [o.box for o in dense_objects(image) if o.slot == "thing"]
+        assert (want.x1, want.y1, want.x2, want.y2) in boxes
+        checked += 1
+    for record in _records(world, "train", "keypoints"):
+        image = by_name[Path(record["image"]).stem]
+        people = [o for o in dense_objects(image) if o.category == CATEGORIES.index("person")]
+        kp = record["meta"]["keypoints"]
+        nose = point_from_pixels((kp[0], kp[1]), record["width"], record["height"])
+        assert any(p.keypoints[0][:2] == (nose.x, nose.y) for p in people) or kp[2] == 0
+        checked += 1
+    assert checked > 10
+
+
+def test_cell_targets_put_objects_in_their_cells_in_the_view_frame() -> None:
+    a = DenseObject("thing", 0, (0.10, 0.10, 0.20, 0.20), colour=3, size=1)  # centre (0.15, 0.15)
+    b = DenseObject("thing", 1, (0.60, 0.70, 0.90, 0.80), colour=5, size=3)  # centre (0.75, 0.75)
+    c = DenseObject("thing", 2, (0.12, 0.12, 0.16, 0.16), colour=1, size=1)  # same cell as a, smaller
+    t = cell_targets([a, b, c], (0.0, 0.0, 1.0), grid=4)
+    present = t["thing/present"][:, 0]
+    assert present.sum() == 3
+    assert t["thing/category"][0, 0] == 3  # the smaller object c keeps its own cell (0, 0)
+    assert t["thing/category"][1, 0] == 1 or t["thing/category"][4, 0] == 1 or t["thing/category"][5, 0] == 1
+    assert t["thing/box"][3 * 4 + 3].tolist() == pytest.approx([0.60, 0.70, 0.90, 0.80])
+    # sub-image (1, 1) of a 2 x 2 grid is the window [0.5, 1] x [0.5, 1]: b is inside, a and c are not
+    windows = view_windows(2)
+    assert windows[4] == (0.5, 0.5, 0.5)
+    sub = cell_targets([a, b, c], windows[4], grid=4)
+    assert sub["thing/present"].sum() == 1
+    k = int(sub["thing/present"][:, 0].argmax())
+    assert sub["thing/box"][k].tolist() == pytest.approx([0.2, 0.4, 0.8, 0.6])
+    assert sub["thing/colour"][k, 0] == 5 and sub["thing/size"][k, 0] == 3
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _conv(rid: str, image: str, question: str, answer: str) -> dict:
+    return {"id": rid, "image": image, "width": 10, "height": 10, "task": "vqa",
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+
+
+def test_pack_records_fills_dialogs_per_image_within_the_budget() -> None:
+    records = {"vqa": [_conv(f"q{i}", f"img{i % 3}.png", "a b c d", "e f") for i in range(12)],
+               "rec": [_conv(f"r{i}", f"img{i % 3}.png", "g h", "i") for i in range(6)]}
+    count = lambda text: len(text.split())  # noqa: E731
+    # a vqa record costs 4 + 2 + 2 * 6 = 18 tokens, a rec one 2 + 1 + 12 = 15; budget 100 - 30 - 10 = 60
+    packed = pack_records(records, count, max_tokens=100, image_tokens=30, prefix_tokens=10, seed=1)
+    assert sum(len(p["meta"]["tasks"]) for p in packed) == 18
+    for p in packed:
+        assert len({rid for rid in p["meta"]["ids"]}) == len(p["meta"]["ids"])
+        assert all(rid[1:].isdigit() and int(rid[1:]) % 3 == int(p["image"][3]) for rid in p["meta"]["ids"])
+        cost = sum(count(t["value"]) + 6 for t in p["conversations"])
+        assert cost <= 60
+        assert [t["from"] for t in p["conversations"]] == ["human", "gpt"] * (len(p["conversations"]) // 2)
+    assert packed == pack_records(records, count, max_tokens=100, image_tokens=30, prefix_tokens=10, seed=1)
+    half = pack_records(records, count, max_tokens=100, image_tokens=30, prefix_tokens=10, ratios={"vqa": 0.5})
+    assert sum(p["meta"]["tasks"].count("vqa") for p in half) == 6
+
+
+def test_packed_world_mixture_loads(world: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    from sphinx_mllm.world.packing import pack_mixture_files
+
+    tok = load_tokenizer(tokenizer_dir)
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    files = {t: world / "train" / f"{t}.jsonl" for t in ("vqa", "rec", "detection")}
+    mixture = pack_mixture_files(files, tmp_path / "packed", count, max_tokens=600, image_tokens=260, prefix_tokens=32,
+                                 images_root=world)
+    data = MixtureDataset.from_yaml(mixture)
+    assert (len(data) > 0 and (world / data[0]["image"]).is_file()) or Path(data[0]["image"]).is_file()
+    total = sum(len(_records(world, "train", t)) for t in files)
+    assert sum(len(data[i]["meta"]["tasks"]) for i in range(len(data))) == total
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+def _pretrain(world: Path, tokenizer_dir: Path, seed: int) -> dict[str, torch.Tensor]:
+    config = SphinxConfig.from_preset("world-tiny")
+    data = WorldImageSet.load(world, config.image_size, "train", limit=6)
+    tok = load_tokenizer(tokenizer_dir)
+    budgets = {"convnext": Budget(2, 3, 1e-3), "dinov2": Budget(2, 3, 1e-3), "clip": Budget(2, 4, 1e-3)}
+    pre = pretrain_encoders(config, data, lambda t: tok(t, add_special_tokens=False)["input_ids"], len(tok),
+                            EncoderPretraining(budgets, seed=seed))
+    assert set(pre.encoders) == {"clip", "convnext", "dinov2"}
+    assert all(len(v) == 2 and all(x == x for x in v) for v in pre.losses.values())
+    return {f"{n}.{k}": v.clone() for n, e in pre.encoders.items() for k, v in e.state_dict().items()}
+
+
+def test_encoder_pretraining_is_deterministic_per_seed(world: Path, tokenizer_dir: Path) -> None:
+    first = _pretrain(world, tokenizer_dir, seed=0)
+    again = _pretrain(world, tokenizer_dir, seed=0)
+    other = _pretrain(world, tokenizer_dir, seed=1)
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+# ----------------------------------------------------------------------------- report and CLI
+
+
+def test_check_targets_compares_with_the_blind_twin() -> None:
+    sighted = {"vqa": {"accuracy": 0.7}, "rec": {"accuracy": 0.2}}
+    blind = {"vqa": {"accuracy": 0.4}, "rec": {"accuracy": 0.0}}
+    rows = check_targets({"vqa.accuracy - blind": 0.25, "rec.accuracy": 0.15, "ocr.word_recall": 0.3}, sighted, blind)
+    assert [(r["metric"], r["met"]) for r in rows] == [("vqa.accuracy - blind", True), ("rec.accuracy", True),
+                                                      ("ocr.word_recall", False)]
+    assert rows[0]["value"] == pytest.approx(0.3) and rows[2]["value"] is None
+
+
+def test_world_run_rejects_unknown_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["world", "run", "--plan", "huge"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_coordinate_embeddings_are_nearest_to_their_own_value() -> None:
+    from sphinx_mllm.world.tokenizer import coordinate_embeddings
+
+    table = coordinate_embeddings(64, scale=1.0)  # [101, 64]
+    sims = table @ table.T
+    assert torch.equal(sims.argmax(1), torch.arange(101))  # each value is closest to itself
+    # a near value is more alike than a far one, everywhere
+    rows = torch.arange(100)
+    assert bool((sims[rows, rows + 1] > sims[rows, (rows + 50) % 101]).all())
+    with pytest.raises(ValueError, match="width"):
+        coordinate_embeddings(16)
+
+
+def test_init_coordinate_embeddings_sets_only_the_coordinate_rows(tokenizer_dir: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sphinx_mllm.world.tokenizer import coordinate_embeddings, init_coordinate_embeddings
+
+    tok = load_tokenizer(tokenizer_dir)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    before_in = llm.get_input_embeddings().weight.detach().clone()
+    init_coordinate_embeddings(llm, tok, scale=0.5, seed=3)
+    ids = tok.convert_tokens_to_ids(list(COORDINATE_TOKENS))
+    table = coordinate_embeddings(32, scale=0.5, seed=3)
+    assert torch.equal(llm.get_input_embeddings().weight[ids], table)
+    assert torch.equal(llm.get_output_embeddings().weight[ids], table)
+    others = torch.ones(len(before_in), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(llm.get_input_embeddings().weight[others], before_in[others])
