@@ -69,6 +69,24 @@ def test_caption_specialists_specialise_and_the_mix_is_no_worse_than_their_mean(
         assert result["mixed_not_worse_than_mean"] == {"real": True, "synthetic": True}
 
 
+NOT_YET = pytest.mark.xfail(
+    strict=True, reason="issue 7: within the quick budget the from-scratch LLM does not use the image yet "
+    "(docs/world_report.md); strict, so the suite flags the day it does")
+
+
+@NOT_YET
+def test_quick_run_reaches_the_issues_bars(quick_run: Path) -> None:
+    summary = json.loads((quick_run / "report.json").read_text())
+    assert all(row["met"] for row in summary["targets"]), summary["targets"]
+
+
+@NOT_YET
+def test_swapping_images_between_items_raises_the_answer_loss(quick_run: Path) -> None:
+    check = _steps(quick_run)["shuffle_check"]["result"]
+    assert check["tokens"] > 100
+    assert check["shuffled_loss"] > check["loss"] + 0.05
+
+
 def test_a_rerun_resumes_after_the_last_finished_step(quick_run: Path) -> None:
     before = _steps(quick_run)
     start = time.perf_counter()

@@ -102,7 +102,7 @@ PLANS: dict[str, RecipePlan] = {
         name="default",
         world={"train": {"shapes": 1600, "people": 500, "signs": 300, "document": 300},
                "eval": {"shapes": 120, "people": 50, "signs": 30, "document": 30}},
-        encoders=EncoderPretraining({"convnext": Budget(150, 32, 3e-3), "dinov2": Budget(120, 32, 1e-3),
+        encoders=EncoderPretraining({"convnext": Budget(300, 32, 3e-3), "dinov2": Budget(120, 32, 1e-3),
                                      "clip": Budget(60, 64, 1e-3)}),
         projector=Stage(20, 16, 16, 2e-3, warmup=5),
         pretrain_real=Stage(40, 16, 16, 2e-3),
