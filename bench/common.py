@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -439,6 +440,19 @@ def fsync_files(paths: Iterable[Path]) -> None:
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in files_under(folder))
+
+
+def measured_write(cmd: Sequence[str], inputs: Sequence[Path], out: Path, threads: int) -> dict[str, Any]:
+    """Run a command that reads the `inputs` folders and writes the `out` folder: inputs evicted from the page
+    cache first (cold read), `out` removed first; after it exits, its files are fsynced (durable) and timed."""
+    drop_page_cache([p for folder in inputs for p in files_under(folder)])
+    shutil.rmtree(out, ignore_errors=True)
+    stats = run_measured(cmd, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
+    start = time.perf_counter()
+    fsync_files(files_under(out))
+    return {"wall_s": stats.seconds, "durable_s": stats.seconds + time.perf_counter() - start,
+            "peak_rss_gb": stats.peak_rss_bytes / GB, "peak_anon_gb": stats.peak_anon_bytes / GB,
+            "out_bytes": folder_bytes(out)}
 
 
 def python_exe() -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,11 @@ from bench.common import (
     GB,
     BenchContext,
     command_line,
-    drop_page_cache,
-    files_under,
     folder_bytes,
-    fsync_files,
     limits,
     main_for,
+    measured_write,
     python_exe,
-    run_measured,
     table,
 )
 
@@ -57,17 +53,6 @@ def make_release(folder: Path, smoke: bool) -> Path:
     return folder
 
 
-def measured(cmd: list[str], inputs: Path, out: Path, threads: int) -> dict[str, Any]:
-    drop_page_cache(files_under(inputs))
-    shutil.rmtree(out, ignore_errors=True)
-    stats = run_measured(cmd, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
-    start = time.perf_counter()
-    fsync_files(files_under(out))
-    return {"wall_s": stats.seconds, "durable_s": stats.seconds + time.perf_counter() - start,
-            "peak_rss_gb": stats.peak_rss_bytes / GB, "peak_anon_gb": stats.peak_anon_bytes / GB,
-            "in_bytes": folder_bytes(inputs), "out_bytes": folder_bytes(out)}
-
-
 def run(ctx: BenchContext) -> dict[str, Any]:
     lim = limits(ctx)
     work = ctx.work_dir / "conversion"
@@ -87,7 +72,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     for _ in range(reps):
         for name, (cmd, src, dst) in jobs.items():  # the second reads the first's output
             ctx.settle()
-            samples[name].append(measured(cmd, src, dst, ctx.threads))
+            samples[name].append({**measured_write(cmd, [src], dst, ctx.threads), "in_bytes": folder_bytes(src)})
     rows = []
     for name, got in samples.items():
         mid = sorted(got, key=lambda s: s["durable_s"])[len(got) // 2]

@@ -23,15 +23,11 @@ from bench.common import (
     GB,
     PEERS_VENV,
     BenchContext,
-    ProcessStats,
     command_line,
-    drop_page_cache,
-    files_under,
     folder_bytes,
-    fsync_files,
     limits,
     main_for,
-    run_measured,
+    measured_write,
     table,
 )
 
@@ -112,20 +108,6 @@ def mergekit_command(a: Path, b: Path, out: Path, work: Path, shard_params: str)
             "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
 
 
-def measured_merge(cmd: list[str], inputs: list[Path], out: Path, threads: int) -> dict[str, Any]:
-    drop_page_cache([p for folder in inputs for p in files_under(folder)])
-    shutil.rmtree(out, ignore_errors=True)
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    stats: ProcessStats = run_measured(cmd, env=env)
-    import time
-
-    start = time.perf_counter()
-    fsync_files(files_under(out))
-    sync_s = time.perf_counter() - start
-    return {"wall_s": stats.seconds, "durable_s": stats.seconds + sync_s, "peak_rss_gb": stats.peak_rss_bytes / GB,
-            "peak_anon_gb": stats.peak_anon_bytes / GB, "out_bytes": folder_bytes(out)}
-
-
 def check_same_result(ours: Path, peer: Path, smoke: bool) -> float:
     """Largest absolute difference between the two outputs over a few tensors (both are 0.5 A + 0.5 B)."""
     from safetensors import safe_open
@@ -166,7 +148,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         order = list(contenders) if i % 2 == 0 else list(reversed(contenders))
         for who in order:
             ctx.settle()
-            samples[who].append(measured_merge(contenders[who], [a, b], work / f"out_{who}", ctx.threads))
+            samples[who].append(measured_write(contenders[who], [a, b], work / f"out_{who}", ctx.threads))
     rows = []
     for who, got in samples.items():
         got_sorted = sorted(got, key=lambda s: s["durable_s"])
