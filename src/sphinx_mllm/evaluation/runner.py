@@ -21,16 +21,12 @@ from sphinx_mllm.evaluation.judge import Judge, score_judged
 from sphinx_mllm.inference.batch import run_batch
 from sphinx_mllm.inference.chat import GenerationConfig, SphinxChat
 from sphinx_mllm.utils.errors import SphinxError
-from sphinx_mllm.utils.io import atomic_write_text
+from sphinx_mllm.utils.io import atomic_write_jsonl, atomic_write_text
 from sphinx_mllm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 METRICS_FILE = "metrics.json"
-
-
-def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _read_predictions(path: Path) -> dict[str, dict[str, Any]]:
@@ -109,8 +105,8 @@ def run_benchmark(
     tokens = max_new_tokens or _max_new_tokens(spec, items)
     config = GenerationConfig(max_new_tokens=tokens, temperature=0.0)
     requests = [{"id": it.id, "image": it.image, "prompt": it.prompt} for it in items]
-    _write_jsonl(out / "requests.jsonl", requests)
-    _write_jsonl(out / "references.jsonl", [it.reference for it in items])
+    atomic_write_jsonl(out / "requests.jsonl", requests)
+    atomic_write_jsonl(out / "references.jsonl", [it.reference for it in items])
     started = time.time()
     report = run_batch(chat, out / "requests.jsonl", out / "predictions.jsonl", config, batch_size=batch_size,
                        images_root=root, progress=progress)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from sphinx_mllm.utils import SphinxError, atomic_write_text, get_logger
+from sphinx_mllm.utils import SphinxError, atomic_write_jsonl, atomic_write_text, get_logger
 from sphinx_mllm.world.canvas import derive_seed
 
 log = get_logger(__name__)
@@ -93,7 +93,7 @@ def pack_mixture_files(
                           prefix_tokens=prefix_tokens, ratios=ratios, seed=seed)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "packed.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in packed))
+    atomic_write_jsonl(out / "packed.jsonl", packed)
     kept = sum(len(r["meta"]["tasks"]) for r in packed)
     mixture = {"META": [{"path": "packed.jsonl", "type": "image_text", "root": os.path.abspath(images_root)}],
                "seed": seed}

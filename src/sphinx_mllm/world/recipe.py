@@ -43,7 +43,7 @@ from sphinx_mllm.config import SphinxConfig
 from sphinx_mllm.processing import SphinxProcessor, load_tokenizer
 from sphinx_mllm.processing.image import PAD_FILL
 from sphinx_mllm.tasks import TASKS
-from sphinx_mllm.utils import SphinxError, atomic_write_text, get_logger
+from sphinx_mllm.utils import SphinxError, atomic_write_jsonl, atomic_write_text, get_logger
 from sphinx_mllm.world.canvas import derive_seed
 from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders
 from sphinx_mllm.world.generate import WorldConfig, ensure_world
@@ -152,10 +152,6 @@ TARGETS: dict[str, dict[str, float]] = {
 def cli_runner(argv: Sequence[str]) -> None:
     """Run `sphinx-mllm ARGV` as a subprocess (the recipe's default runner; the CLI passes an in-process one)."""
     subprocess.run([sys.executable, "-m", "sphinx_mllm.cli.main", *argv], check=True)
-
-
-def _write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _write_yaml(path: Path, data: Mapping[str, Any], comment: str) -> Path:
@@ -278,7 +274,7 @@ class WorldRecipe:
             records = read_records(self.world / "eval" / f"{task}.jsonl")
             rng = random.Random(derive_seed(self.o.seed, "eval", task))
             chosen = sorted(rng.sample(range(len(records)), k=min(limit, len(records))))
-            _write_jsonl(data / "eval" / f"{task}.jsonl", [records[i] for i in chosen])
+            atomic_write_jsonl(data / "eval" / f"{task}.jsonl", [records[i] for i in chosen])
             held[task] = len(chosen)
         for domain in ("real", "synthetic"):
             _mixture(data / f"eval_caption_{domain}.yaml",
@@ -297,7 +293,7 @@ class WorldRecipe:
         Image.new("RGB", (side, side), PAD_FILL).save(blind / BLANK_IMAGE)
 
         def blank(src: Path, dst: Path) -> None:
-            _write_jsonl(dst, [{**r, "image": BLANK_IMAGE} for r in read_records(src)])
+            atomic_write_jsonl(dst, [{**r, "image": BLANK_IMAGE} for r in read_records(src)])
 
         for domain in ("real", "synthetic"):
             blank(self.world / "train" / f"caption_{domain}.jsonl", blind / f"caption_{domain}.jsonl")

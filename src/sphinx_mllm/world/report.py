@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from sphinx_mllm.utils import atomic_write_bytes, atomic_write_text, get_logger
+from sphinx_mllm.world.packing import read_records
 
 log = get_logger(__name__)
 
@@ -37,9 +38,8 @@ EXAMPLE_TASKS: tuple[str, ...] = ("rec", "detection", "keypoints", "layout", "oc
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The file's rows, or none when a step did not write it."""
+    return read_records(path) if path.is_file() else []
 
 
 def metric_value(metrics: Mapping[str, Any], key: str) -> float | None:
