@@ -19,6 +19,7 @@ from sphinx_mllm.inference import SphinxChat
 from sphinx_mllm.inference.batch import build_messages
 from sphinx_mllm.inference.chat import GenerationConfig
 from sphinx_mllm.inference.draw import draw_answer
+from sphinx_mllm.tasks.metrics import rec_accuracy, vqa_accuracy
 from sphinx_mllm.utils import SphinxError, get_logger
 from sphinx_mllm.world.packing import read_records
 
@@ -40,10 +41,11 @@ class DemoAnswer:
 
 
 def _correct(task: str, truth: str, answer: str) -> bool:
+    """Right by the task's own metric (what `eval run` scores): REC Acc@0.5, VQA accuracy."""
     if task == "rec":
-        gold, got = parse_boxes(truth), parse_boxes(answer)
-        return bool(gold and got and got[0].iou(gold[0]) >= 0.5)
-    return answer.strip().lower() == truth.strip().lower()
+        gold = parse_boxes(truth)
+        return bool(gold) and rec_accuracy([answer], gold[:1]) == 1.0
+    return vqa_accuracy(answer, [truth]) == 1.0
 
 
 def run_demo(run: str | os.PathLike, per_task: int = 4, draw_dir: str | os.PathLike | None = None,
@@ -59,7 +61,8 @@ def run_demo(run: str | os.PathLike, per_task: int = 4, draw_dir: str | os.PathL
     blind = SphinxChat.load(blind_dir, device="cpu") if blind_dir.is_dir() else None
     config = GenerationConfig(max_new_tokens=32, temperature=0.0)
     world = run / "world"
-    blank = run / "blind" / "data" / "blank.png"
+    blank_path = run / "blind" / "data" / "blank.png"
+    blank = Image.open(blank_path).convert("RGB") if blind is not None and blank_path.is_file() else None
     out: list[DemoAnswer] = []
     for task in ("vqa", "rec"):
         path = run / "data" / "eval" / f"{task}.jsonl"
@@ -72,9 +75,8 @@ def run_demo(run: str | os.PathLike, per_task: int = 4, draw_dir: str | os.PathL
             image = Image.open(world / record["image"]).convert("RGB")
             answer = sighted.generate([build_messages([("user", question)], image)], config)[0]
             blind_answer = None
-            if blind is not None and blank.is_file():
-                blank_image = Image.open(blank).convert("RGB")
-                blind_answer = blind.generate([build_messages([("user", question)], blank_image)], config)[0]
+            if blind is not None and blank is not None:
+                blind_answer = blind.generate([build_messages([("user", question)], blank)], config)[0]
             drawn = None
             if draw_dir is not None and task == "rec":
                 target = Path(draw_dir) / f"{Path(record['image']).stem}-{len(out)}.png"

@@ -97,6 +97,7 @@ class RecipePlan:
 
 _ALL_TASKS_EVAL = {"vqa": 150, "gqa": 60, "rec": 120, "reg": 60, "relation": 60, "caption": 40,
                    "grounded_caption": 40, "detection": 80, "layout": 60, "keypoints": 40, "ocr": 24}
+_PACK_RATIOS = {"caption": 0.3, "conversation": 0.3, "gqa": 0.5, "reg": 0.5, "relation": 0.5}
 PLANS: dict[str, RecipePlan] = {
     "default": RecipePlan(
         name="default",
@@ -109,7 +110,7 @@ PLANS: dict[str, RecipePlan] = {
         pretrain_synthetic=Stage(40, 16, 16, 2e-3),
         finetune=Stage(400, 8, 8, 3e-3, warmup=20),
         eval_limits=_ALL_TASKS_EVAL,
-        pack_ratios={"caption": 0.3, "conversation": 0.3, "gqa": 0.5, "reg": 0.5, "relation": 0.5},
+        pack_ratios=_PACK_RATIOS,
         pack_max_tokens=512,
     ),
     "quick": RecipePlan(
@@ -123,7 +124,7 @@ PLANS: dict[str, RecipePlan] = {
         pretrain_synthetic=Stage(8, 16, 16, 2e-3, warmup=3),
         finetune=Stage(100, 8, 8, 3e-3, warmup=10),
         eval_limits={"vqa": 80, "rec": 40},
-        pack_ratios={"caption": 0.3, "conversation": 0.3, "gqa": 0.5, "reg": 0.5, "relation": 0.5},
+        pack_ratios=_PACK_RATIOS,
         pack_max_tokens=512,
         caption_loss_items=32,
     ),
@@ -157,6 +158,14 @@ def cli_runner(argv: Sequence[str]) -> None:
 def _write_yaml(path: Path, data: Mapping[str, Any], comment: str) -> Path:
     atomic_write_text(path, f"# {comment}\n" + yaml.safe_dump(dict(data), sort_keys=False))
     return path
+
+
+def _answer_cap(records: Sequence[Mapping[str, Any]], count_tokens: Callable[[str], int]) -> int:
+    """New tokens allowed per answer at evaluation: twice the longest reference answer plus 8, so an untrained
+    model that never stops costs seconds instead of the task's generic (long) limit."""
+    longest = max((count_tokens(t["value"]) for r in records for t in r.get("conversations", [])
+                   if t["from"] == "gpt"), default=32)
+    return 2 * longest + 8
 
 
 def _mixture(path: Path, files: Sequence[tuple[str, str]], root: Path, comment: str) -> Path:
@@ -269,20 +278,22 @@ class WorldRecipe:
         pack_mixture_files(files, data / "finetune", count, max_tokens=self.plan.pack_max_tokens,
                            image_tokens=config.num_image_tokens, prefix_tokens=prefix, images_root=self.world,
                            ratios=self.plan.pack_ratios, seed=self.o.seed)
-        held = {}
+        held, caps = {}, {}
         for task, limit in self.plan.eval_limits.items():
             records = read_records(self.world / "eval" / f"{task}.jsonl")
             rng = random.Random(derive_seed(self.o.seed, "eval", task))
-            chosen = sorted(rng.sample(range(len(records)), k=min(limit, len(records))))
-            atomic_write_jsonl(data / "eval" / f"{task}.jsonl", [records[i] for i in chosen])
+            chosen = [records[i] for i in sorted(rng.sample(range(len(records)), k=min(limit, len(records))))]
+            atomic_write_jsonl(data / "eval" / f"{task}.jsonl", chosen)
             held[task] = len(chosen)
+            caps[task] = _answer_cap(chosen, count)
         for domain in ("real", "synthetic"):
             _mixture(data / f"eval_caption_{domain}.yaml",
                      [(os.path.relpath(self.world / "eval" / f"caption_{domain}.jsonl", data), "caption")],
                      self.world, f"held-out {domain}-domain captions")
         if self.o.blind:
             self._blind_data(data)
-        return {"eval_items": held, "packed_dialogs": sum(1 for _ in (data / "finetune" / "packed.jsonl").open())}
+        return {"eval_items": held, "answer_caps": caps,
+                "packed_dialogs": sum(1 for _ in (data / "finetune" / "packed.jsonl").open())}
 
     def _blind_data(self, data: Path) -> None:
         """The blind twin's copies: every record's image is `blank.png`, a square of the padding colour (pixel
@@ -368,25 +379,17 @@ class WorldRecipe:
     def evaluate(self, arm: str) -> dict[str, Any]:
         paths = self.arm_paths(arm)
         model = self.arm_dir(arm) / "finetune" / "final"
+        caps = self.steps["data"]["result"]["answer_caps"]
         metrics = {}
         for task in self.plan.eval_limits:
             run_dir = self.arm_dir(arm) / "eval" / task
             bench = paths["eval"] / f"{task}.jsonl"
             self.cli("eval", "run", "--model", model, "--benchmark", bench, "--images-root", paths["images"],
                      "--output", run_dir, "--batch-size", "16", "--device", "cpu", "--no-progress",
-                     "--max-new-tokens", str(self.answer_cap(bench)))
+                     "--max-new-tokens", str(caps[task]))
             found = json.loads((run_dir / "metrics.json").read_text())["metrics"]  # {task: {name: value}}
             metrics[task] = found.get(task, found)
         return metrics
-
-    def answer_cap(self, benchmark: Path) -> int:
-        """New tokens allowed per answer: twice the longest reference answer of the held-out file plus 8, so an
-        untrained model that never stops costs seconds instead of the task's generic (long) limit."""
-        tokenizer = load_tokenizer(self.out / "tokenizer")
-        longest = max((len(tokenizer(t["value"], add_special_tokens=False)["input_ids"])
-                       for r in read_records(benchmark) for t in r.get("conversations", []) if t["from"] == "gpt"),
-                      default=32)
-        return 2 * longest + 8
 
     def shuffle_check(self) -> dict[str, Any]:
         """Held-out answer loss of the fine-tuned model with its images and with images swapped between items."""
