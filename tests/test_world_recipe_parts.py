@@ -124,6 +124,21 @@ def test_cell_targets_put_objects_in_their_cells_in_the_view_frame() -> None:
     assert sub["thing/colour"][k, 0] == 5 and sub["thing/size"][k, 0] == 3
 
 
+def test_cover_targets_spread_attributes_over_the_cells_a_box_covers() -> None:
+    big = DenseObject("thing", 4, (0.05, 0.05, 0.70, 0.45), colour=2, size=3)  # centre (0.375, 0.25): cell (1, 1)
+    small = DenseObject("thing", 1, (0.55, 0.30, 0.65, 0.40), colour=7, size=1)  # centre (0.6, 0.35): cell (1, 2)
+    plain = cell_targets([big, small], (0.0, 0.0, 1.0), grid=4)
+    t = cell_targets([big, small], (0.0, 0.0, 1.0), grid=4, cover=True)
+    for key in ("thing/present", "thing/box"):  # only the attributes spread; presence and geometry stay at centres
+        assert (t[key] == plain[key]).all()
+    # cell centres at 0.125, 0.375, 0.625, 0.875: big covers rows 0-1 x columns 0-2
+    covered = {k for k in range(16) if t["thing/category"][k, 0] > 0}
+    assert covered == {0, 1, 2, 4, 5, 6}
+    assert t["thing/category"][6, 0] == 2 and t["thing/colour"][6, 0] == 7  # small's own centre cell
+    assert all(t["thing/category"][k, 0] == 5 and t["thing/colour"][k, 0] == 2 for k in covered - {6})
+    assert plain["thing/category"][0, 0] == 0  # without cover, a cell without a centre has no label
+
+
 # ----------------------------------------------------------------------------- packing
 
 

@@ -6,7 +6,9 @@ coordinate the LLM writes. A view is a square window of that frame (the global v
 sub-image (r, c) of a g x g grid is `[c/g, (c+1)/g] x [r/g, (r+1)/g]`); targets are in the view's own
 frame, cut into `grid` x `grid` cells. Each cell has two slots, `thing` (shapes, people, layout regions)
 and `word` (sign and page words); an object goes to the slot of the cell holding its centre, or to the
-nearest free cell around it when two centres share a cell (smaller objects are placed first).
+nearest free cell around it when two centres share a cell (smaller objects are placed first). With
+`cover=True` the attribute fields (category, colour, size, pose, word) also go to every other cell whose centre
+lies inside an object's box (the smallest such object wins), a denser supervision of what is where.
 """
 
 from __future__ import annotations
@@ -109,7 +111,11 @@ TARGET_FIELDS: dict[str, int] = {
 """Per slot and cell: name -> number of values. Boxes and keypoints are in the view's frame."""
 
 
-def cell_targets(objects: Sequence[DenseObject], window: tuple[float, float, float], grid: int
+ATTRIBUTES: tuple[str, ...] = ("category", "colour", "size", "pose", "word")
+"""The fields that `cover=True` spreads over an object's cells."""
+
+
+def cell_targets(objects: Sequence[DenseObject], window: tuple[float, float, float], grid: int, cover: bool = False
                  ) -> dict[str, np.ndarray]:
     """Targets of one view: `{f"{slot}/{field}": float32 array [grid * grid, n]}` (raster cells)."""
     x0, y0, side = window
@@ -129,7 +135,24 @@ def cell_targets(objects: Sequence[DenseObject], window: tuple[float, float, flo
             taken[r, c] = True
             k = r * grid + c
             _fill(out, slot, k, obj, window)
+        if cover:
+            _cover(out, slot, mine, window, grid)
     return out
+
+
+def _cover(out: dict[str, np.ndarray], slot: str, objects: Sequence[DenseObject], window: tuple[float, float, float],
+           grid: int) -> None:
+    """Attribute fields on the cells inside each object's box that hold no object centre (largest first)."""
+    x0, y0, side = window
+    centres = (out[f"{slot}/present"][:, 0] > 0).reshape(grid, grid)
+    mids = (np.arange(grid) + 0.5) / grid
+    for obj in sorted(objects, key=lambda o: -o.area):
+        b = obj.box
+        xs = (mids >= (b[0] - x0) / side) & (mids <= (b[2] - x0) / side)
+        ys = (mids >= (b[1] - y0) / side) & (mids <= (b[3] - y0) / side)
+        cells = (ys[:, None] & xs[None, :] & ~centres).reshape(-1)
+        for name in ATTRIBUTES:
+            out[f"{slot}/{name}"][cells, 0] = getattr(obj, name) + (1 if name == "category" else 0)
 
 
 def _free_cell(taken: np.ndarray, gx: float, gy: float) -> tuple[int, int] | None:
@@ -165,6 +188,6 @@ def _fill(out: dict[str, np.ndarray], slot: str, k: int, obj: DenseObject, windo
 
 
 __all__ = [
-    "CATEGORIES", "NUM_KEYPOINTS", "SIZE_NAMES", "SLOTS", "TARGET_FIELDS", "WORD_VOCAB", "DenseObject",
+    "ATTRIBUTES", "CATEGORIES", "NUM_KEYPOINTS", "SIZE_NAMES", "SLOTS", "TARGET_FIELDS", "WORD_VOCAB", "DenseObject",
     "cell_targets", "dense_objects", "view_windows",
 ]

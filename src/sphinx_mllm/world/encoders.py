@@ -3,8 +3,8 @@ they are frozen (SPHINX's mixing of visual embeddings: different architectures, 
 
 - `convnext` (ConvNeXt, 224 px views): dense *supervised semantics*. Every cell of its 7 x 7 map learns
   what object sits there: category, colour, size, pose and which word is written, for two slots (things,
-  words). Convolutions are translation-equivariant and these labels are local, so it trains on aligned
-  128-px crops of its views: a quarter of the pixels per sample.
+  words), on every cell an object's box covers (`dense.cell_targets(cover=True)`), with the fields weighted
+  (`FIELD_WEIGHTS`). `crop_cells` can train on aligned crops of whole cells instead of whole views.
 - `dinov2` (a DINOv2 ViT, 112 px views): *masked dense geometry*. With 15% of its patches masked, every
   cell learns where its object is: box corners and the 17 keypoints of a person, each as a distribution
   over the hundredths "0.00".."1.00" the LLM writes (so a coordinate is linearly readable from a token).
@@ -61,6 +61,9 @@ CLASS_FIELDS: dict[str, int] = {
     "word": len(WORD_VOCAB) + 1,
 }
 """Per-cell classification targets of the semantic encoder (class 0: none)."""
+FIELD_WEIGHTS: dict[str, float] = {"category": 1.0, "colour": 1.0, "size": 0.3, "pose": 0.3, "word": 0.3}
+"""Loss weights of the semantic fields: what and which colour is where drive the VQA and REC answers; the
+harder, rarer fields (sizes, poses, the 300-way word) would otherwise take most of the shared gradient."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -125,13 +128,14 @@ class WorldImageSet:
         return (x.permute(0, 3, 1, 2) - mean) / std
 
 
-def view_targets(objects: Sequence[Sequence[DenseObject]], view_grid: int, grid: int) -> dict[str, torch.Tensor]:
-    """Per image and view: `{f"{slot}/{field}": [N, V, grid * grid, n]}`."""
+def view_targets(objects: Sequence[Sequence[DenseObject]], view_grid: int, grid: int, cover: bool = False
+                 ) -> dict[str, torch.Tensor]:
+    """Per image and view: `{f"{slot}/{field}": [N, V, grid * grid, n]}` (`cover`: see `dense.cell_targets`)."""
     windows = view_windows(view_grid)
     keys = [f"{slot}/{name}" for slot in SLOTS for name in TARGET_FIELDS]
     per_key: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for objs in objects:
-        views = [cell_targets(objs, w, grid) for w in windows]
+        views = [cell_targets(objs, w, grid, cover) for w in windows]
         for k in keys:
             per_key[k].append(np.stack([v[k] for v in views]))
     return {k: torch.from_numpy(np.stack(v)) for k, v in per_key.items()}
@@ -252,7 +256,8 @@ class SemanticHeads(nn.Module):
             total = total + F.binary_cross_entropy_with_logits(logit, present)
             for name in CLASS_FIELDS:
                 target = targets[f"{slot}/{name}"][..., 0]
-                total = total + _class_loss(self.heads[f"{slot}_{name}"](tokens), target, target > 0)
+                total = total + FIELD_WEIGHTS[name] * _class_loss(self.heads[f"{slot}_{name}"](tokens), target,
+                                                                  target > 0)
         return total
 
 
@@ -273,7 +278,7 @@ def _crop_cells(views: torch.Tensor, targets: dict[str, torch.Tensor], grid: int
 
 
 def pretrain_semantic(encoder: VisionEncoder, data: WorldImageSet, targets: dict[str, torch.Tensor], view_grid: int,
-                      budget: Budget, seed: int, bf16: bool = True, crop_cells: int = 4
+                      budget: Budget, seed: int, bf16: bool = True, crop_cells: int = 7
                       ) -> tuple[list[float], SemanticHeads]:
     """Dense supervised semantics on aligned crops of random views (see the module docstring)."""
     spec = encoder.spec
@@ -453,7 +458,8 @@ def pretrain_encoders(config: SphinxConfig, data: WorldImageSet, tokenize: Calla
     grids = {s.grid for s in specs if s.grid is not None}
     if len(grids) != 1:
         raise SphinxError(f"world encoders must share one token grid, got {sorted(grids)}")
-    targets = view_targets(data.objects, config.view_grid, grids.pop())
+    grid = grids.pop()
+    targets = view_targets(data.objects, config.view_grid, grid)
     caption_ids = [tokenize(c) for c in data.captions]
     out = PretrainedEncoders({}, {}, {}, {})
     for spec in specs:
@@ -463,7 +469,8 @@ def pretrain_encoders(config: SphinxConfig, data: WorldImageSet, tokenize: Calla
         budget, start = settings.budgets[spec.name], time.perf_counter()
         heads: nn.Module
         if spec.family == "convnext":
-            losses, heads = pretrain_semantic(encoder, data, targets, config.view_grid, budget, settings.seed,
+            semantic = view_targets(data.objects, config.view_grid, grid, cover=True)
+            losses, heads = pretrain_semantic(encoder, data, semantic, config.view_grid, budget, settings.seed,
                                               settings.bf16)
         elif spec.family == "dinov2":
             losses, heads = pretrain_geometry(encoder, data, targets, config.view_grid, budget, settings.seed,
