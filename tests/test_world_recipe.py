@@ -36,8 +36,11 @@ def test_every_step_ran_through_the_cli_for_both_arms(quick_run: Path) -> None:
     commands = (quick_run / "commands.sh").read_text().splitlines()
     verbs = {line.split()[1] for line in commands}
     assert {"cache-features", "train", "mix", "eval"} <= verbs
-    # each arm trains 4 stages and evaluates every held-out task of the plan
-    assert sum(line.startswith("sphinx-mllm train ") for line in commands) == 4 * len(ARMS)
+    # the text-only language stage once, then each arm trains 4 stages and evaluates every held-out task
+    assert "language" in steps and (quick_run / "language" / "final" / "config.json").is_file()
+    assert sum(line.startswith("sphinx-mllm train ") for line in commands) == 1 + 4 * len(ARMS)
+    texts = (quick_run / "data" / "language" / "text.jsonl").read_text().splitlines()
+    assert texts and all(json.loads(line)["image"] is None for line in texts)
     evals = sum(line.startswith("sphinx-mllm eval run") for line in commands)
     assert evals == len(ARMS) * len(PLANS["quick"].eval_limits)
     # the blind twin saw only the blank image

@@ -137,6 +137,7 @@ def test_plan_for_smollm2_lowers_lr_and_micro_batch_only() -> None:
         assert (after.steps, after.batch_size, after.lr) == (before.steps, before.batch_size, SMOLLM2_LR)
         assert after.micro_batch_size == SMOLLM2_MICRO_BATCH and after.batch_size % after.micro_batch_size == 0
     assert small.projector.lr == plan.projector.lr  # only the projection trains there
+    assert plan.language is not None and small.language is None  # a pretrained LLM skips the text-only stage
     with pytest.raises(SphinxError, match="unknown LLM 'gpt'"):
         RecipeOptions(Path("x"), plan, llm="gpt")
 

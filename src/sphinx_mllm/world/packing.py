@@ -38,7 +38,8 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _keep(records: list[dict[str, Any]], ratio: float, seed: int, task: str) -> list[dict[str, Any]]:
+def keep_share(records: list[dict[str, Any]], ratio: float, seed: int, task: str) -> list[dict[str, Any]]:
+    """A seeded share `ratio` of a task's records (all of them from 1 up)."""
     if ratio >= 1.0:
         return records
     rng = random.Random(derive_seed(seed, "ratio", task))
@@ -53,7 +54,7 @@ def pack_records(
     system prompt's `prefix_tokens` + its turns). A record longer than that alone stays alone."""
     by_image: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     for task, records in sorted(records_by_task.items()):
-        for record in _keep(list(records), (ratios or {}).get(task, 1.0), seed, task):
+        for record in keep_share(list(records), (ratios or {}).get(task, 1.0), seed, task):
             if record.get("image") is None or "conversations" not in record:
                 raise SphinxError(f"record {record.get('id')!r} of {task}: packing needs image conversation records")
             by_image[record["image"]].append((task, record))
@@ -103,4 +104,4 @@ def pack_mixture_files(
     return out / "mixture.yaml"
 
 
-__all__ = ["PACKED_TASK", "pack_mixture_files", "pack_records", "read_records"]
+__all__ = ["PACKED_TASK", "keep_share", "pack_mixture_files", "pack_records", "read_records"]

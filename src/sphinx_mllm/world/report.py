@@ -27,7 +27,8 @@ from sphinx_mllm.world.packing import read_records
 
 log = get_logger(__name__)
 
-STAGES: tuple[str, ...] = ("projector", "pretrain_real", "pretrain_synthetic", "finetune")
+STAGES: tuple[str, ...] = ("language", "projector", "pretrain_real", "pretrain_synthetic", "finetune")
+"""The LLM stages drawn; `language` is shared by the arms (text only, in the run folder itself)."""
 HEADLINE: dict[str, str] = {
     "vqa": "accuracy", "gqa": "accuracy", "rec": "accuracy", "reg": "CIDEr", "relation": "accuracy",
     "caption": "CIDEr", "grounded_caption": "phrase_recall", "detection": "AP50", "layout": "AP50",
@@ -92,18 +93,21 @@ def plot_stage_curves(out: Path, arms: Sequence[str], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.4))
     drawn = False
     for ax, stage in zip(axes, STAGES):
-        for arm in arms:
-            records = [r for r in _read_jsonl(out / arm / stage / "metrics.jsonl")
-                       if math.isfinite(r.get("loss", math.nan))]
+        for arm in arms if stage != "language" else ["both arms"]:
+            folder = out / stage if stage == "language" else out / arm / stage
+            records = [r for r in _read_jsonl(folder / "metrics.jsonl") if math.isfinite(r.get("loss", math.nan))]
             if records:
                 ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=arm,
-                        color="tab:blue" if arm == "sighted" else "tab:gray", marker="o", markersize=2)
+                        color={"sighted": "tab:blue", "blind": "tab:gray"}.get(arm, "tab:green"), marker="o",
+                        markersize=2)
                 drawn = True
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss per answer token")
-    axes[0].legend()
+    for ax in axes:
+        if ax.get_lines():
+            ax.legend()
     if drawn:
         atomic_write_bytes(path, _figure_png(fig))
     else:
