@@ -268,3 +268,36 @@ def test_encoder_features_give_the_same_logits_as_pixels(debug_model_and_process
     assert torch.equal(live, cached)
     with pytest.raises(SphinxError, match="lack the encoders"):
         model.get_image_features(encoder_features={"clip": feats["clip"]})
+
+
+def test_loads_in_threads_leave_transformers_init_and_tying_intact(tmp_path, debug_model_and_processor) -> None:
+    """transformers swaps process-wide init/tie functions for no-ops while it loads; concurrent loads (the world
+    recipe's two arms) must not leave the no-ops behind, or every later model comes out untied and uninitialised."""
+    import threading
+
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+    model, _ = debug_model_and_processor
+    model.save_pretrained(tmp_path / "m")
+    tie, normal = PreTrainedModel.tie_weights, torch.nn.init.normal_
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            for _ in range(3):
+                SphinxForConditionalGeneration.from_pretrained(tmp_path / "m")
+                SphinxForConditionalGeneration(model.config)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert PreTrainedModel.tie_weights is tie and torch.nn.init.normal_ is normal
+    tied = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=2, tie_word_embeddings=True)
+    llm = LlamaForCausalLM(tied)
+    assert llm.lm_head.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,15 +59,23 @@ class SphinxPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.query_tokens, std=0.02)
 
 
+_BUILD_LOCK = threading.RLock()
+"""Held while a model is built or loaded. transformers' loader swaps process-wide functions for no-ops while it
+runs (`torch.nn.init.*`, `PreTrainedModel.init_weights` and `.tie_weights`, in `initialization.no_init_weights`
+/ `no_tie_weights`) and puts back what it found: two loads in two threads can put back the no-ops for good, and
+every later model of the process is then built untied and uninitialised. The world recipe loads in threads."""
+
+
 class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
     """SPHINX: frozen encoders -> fusion -> placeholders of a transformers causal LM."""
 
     def __init__(self, config: SphinxConfig) -> None:
-        super().__init__(config)
-        self.vision = VisionTower(config) if config.encoders else None
-        self.fusion = Fusion(config) if config.encoders else None
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        self.post_init()
+        with _BUILD_LOCK:  # a fresh model must not be built while another thread's load has init switched off
+            super().__init__(config)
+            self.vision = VisionTower(config) if config.encoders else None
+            self.fusion = Fusion(config) if config.encoders else None
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+            self.post_init()
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> SphinxForConditionalGeneration:
@@ -75,7 +84,8 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
             for detect, load in _CHECKPOINT_READERS:
                 if detect(Path(args[0])):
                     return load(Path(args[0]), *args[1:], **kwargs)
-        model = super().from_pretrained(*args, **kwargs)
+        with _BUILD_LOCK:
+            model = super().from_pretrained(*args, **kwargs)
         if model.vision is not None:
             model.vision.apply_freeze()  # loading replaces parameters, and with them requires_grad
         return model

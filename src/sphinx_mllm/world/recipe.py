@@ -509,8 +509,7 @@ class WorldRecipe:
         small keeps one core busy per step, so the blind twin costs little extra wall time. The arms share no
         state (own folders, data, feature caches; every stage reloads its model from disk)."""
         if len(arms) == 1 or self.o.llm == "smollm2":
-            # SmolLM2 keeps both cores busy in one arm; and transformers' from_pretrained is not thread-safe: two
-            # first loads at once in one process can leave a tied lm_head on the meta device (seen with SmolLM2).
+            # SmolLM2 keeps both cores busy in one arm (loads in threads are safe: modeling._BUILD_LOCK).
             for arm in arms:
                 self.run_arm(arm)
             return
