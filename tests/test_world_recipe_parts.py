@@ -129,8 +129,10 @@ def test_cover_targets_spread_attributes_over_the_cells_a_box_covers() -> None:
     small = DenseObject("thing", 1, (0.55, 0.30, 0.65, 0.40), colour=7, size=1)  # centre (0.6, 0.35): cell (1, 2)
     plain = cell_targets([big, small], (0.0, 0.0, 1.0), grid=4)
     t = cell_targets([big, small], (0.0, 0.0, 1.0), grid=4, cover=True)
-    for key in ("thing/present", "thing/box"):  # only the attributes spread; presence and geometry stay at centres
+    for key in ("thing/present", "thing/box", "thing/keypoints"):  # presence and geometry stay at centres
         assert (t[key] == plain[key]).all()
+    centres = plain["thing/present"][:, 0] > 0  # what the geometry paradigm reads agrees there
+    assert (t["thing/category"][centres] == plain["thing/category"][centres]).all()
     # cell centres at 0.125, 0.375, 0.625, 0.875: big covers rows 0-1 x columns 0-2
     covered = {k for k in range(16) if t["thing/category"][k, 0] > 0}
     assert covered == {0, 1, 2, 4, 5, 6}

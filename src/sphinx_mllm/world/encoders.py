@@ -458,8 +458,9 @@ def pretrain_encoders(config: SphinxConfig, data: WorldImageSet, tokenize: Calla
     grids = {s.grid for s in specs if s.grid is not None}
     if len(grids) != 1:
         raise SphinxError(f"world encoders must share one token grid, got {sorted(grids)}")
-    grid = grids.pop()
-    targets = view_targets(data.objects, config.view_grid, grid)
+    # Cover labels for both dense paradigms: geometry reads presence, boxes, keypoints and the category of
+    # object-centre cells only, where cover and centre labels agree (tests/test_world_recipe_parts.py).
+    targets = view_targets(data.objects, config.view_grid, grids.pop(), cover=True)
     caption_ids = [tokenize(c) for c in data.captions]
     out = PretrainedEncoders({}, {}, {}, {})
     for spec in specs:
@@ -469,8 +470,7 @@ def pretrain_encoders(config: SphinxConfig, data: WorldImageSet, tokenize: Calla
         budget, start = settings.budgets[spec.name], time.perf_counter()
         heads: nn.Module
         if spec.family == "convnext":
-            semantic = view_targets(data.objects, config.view_grid, grid, cover=True)
-            losses, heads = pretrain_semantic(encoder, data, semantic, config.view_grid, budget, settings.seed,
+            losses, heads = pretrain_semantic(encoder, data, targets, config.view_grid, budget, settings.seed,
                                               settings.bf16)
         elif spec.family == "dinov2":
             losses, heads = pretrain_geometry(encoder, data, targets, config.view_grid, budget, settings.seed,
