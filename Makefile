@@ -16,11 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# The synthetic world's whole recipe at its quick size (a few minutes on 2 cores; a rerun resumes), then the
-# trained model answers held-out questions beside its blind twin.
+# The world model the package ships (a default run of the whole recipe on the synthetic world) answers held-out
+# questions about world images, beside its blind twin's numbers; in a terminal, a chat follows.
 demo: $(STAMP)
-	$(BIN)/sphinx-mllm world run --quick --out runs/world-quick
-	$(BIN)/sphinx-mllm world demo --run runs/world-quick --draw runs/world-quick/demo
+	$(BIN)/sphinx-mllm world demo --draw runs/world-demo --chat
 
 # Debian's chromium + node + playwright-core for the web demo's browser test (idempotent).
 browser:

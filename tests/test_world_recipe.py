@@ -107,7 +107,7 @@ def test_world_demo_answers_held_out_questions(quick_run: Path, capsys: pytest.C
     draw = quick_run / "demo"
     assert cli_main(["world", "demo", "--run", str(quick_run), "--n", "2", "--draw", str(draw)]) == 0
     out = capsys.readouterr().out
-    assert out.count("  truth:") == 4 and out.count("  sighted:") == 4 and out.count("  blind:") == 4
+    assert out.count("  truth:") == 4 and out.count("  model:") == 4 and out.count("  blind:") == 4
     drawn = sorted(draw.glob("*.png"))
     assert len(drawn) == 2 and all(p.read_bytes().startswith(PNG) for p in drawn)
 
@@ -115,3 +115,41 @@ def test_world_demo_answers_held_out_questions(quick_run: Path, capsys: pytest.C
 def test_world_demo_without_a_run_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["world", "demo", "--run", str(tmp_path / "nothing")]) == 2
     assert "world run" in capsys.readouterr().err
+    assert cli_main(["world", "demo", "--model", str(tmp_path)]) == 2
+    assert "world export" in capsys.readouterr().err
+
+
+def test_export_ships_the_fine_tuned_model_and_its_card_checks_out(
+        quick_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`world export` on a finished run: bfloat16 weights under the size bound, examples, a card whose numbers
+    a regenerated world reproduces; the demo runs on the exported folder."""
+    from sphinx_mllm.world.shipped import MAX_BYTES, check_checkpoint, read_card
+
+    ship = tmp_path / "ship"
+    assert cli_main(["world", "export", "--run", str(quick_run), "--out", str(ship)]) == 0
+    card = read_card(ship)
+    assert card["source"]["plan"] == "quick" and set(card["metrics"]) == {"vqa", "rec"}
+    assert card["metrics"]["vqa"] == card["recipe_metrics"]["sighted"]["vqa"]  # the bf16 round trip kept it
+    assert card["bytes"] == sum(p.stat().st_size for p in ship.rglob("*") if p.is_file() and p.name != "shipped.json")
+    assert card["bytes"] < MAX_BYTES
+    header = json.loads((ship / "model.safetensors").read_bytes()[8:][: int.from_bytes(
+        (ship / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    found = check_checkpoint(ship, tmp_path / "check", tasks=["vqa"], runner=_runner)
+    assert found["vqa"] == card["metrics"]["vqa"]
+    capsys.readouterr()
+    assert cli_main(["world", "demo", "--model", str(ship)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  truth:") == 6 and "blind twin" in out and "sphinx-mllm chat --model" in out
+
+
+def _runner(argv: list[str]) -> None:
+    assert cli_main(argv) == 0
+
+
+def test_export_refuses_an_unfinished_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "steps.json").write_text("{}")
+    (tmp_path / "options.json").write_text('{"seed": 0, "plan": {"name": "quick"}}')
+    assert cli_main(["world", "export", "--run", str(tmp_path), "--out", str(tmp_path / "ship")]) == 2
+    assert "has not finished" in capsys.readouterr().err
+    assert not (tmp_path / "ship").exists()

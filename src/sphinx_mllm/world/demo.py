@@ -1,4 +1,5 @@
-"""The world demo (`sphinx-mllm world demo`): a finished recipe run's models answer held-out world questions.
+"""The world demo (`sphinx-mllm world demo`): the shipped world model (`world.shipped`), or a finished recipe
+run's models, answer held-out world questions.
 
 The fine-tuned model of the sighted arm and, beside it, its blind twin answer the same held-out VQA and REC
 items (never seen in training); the truth is printed next to both, and the sighted model's boxes are drawn
@@ -48,6 +49,30 @@ def _correct(task: str, truth: str, answer: str) -> bool:
     return vqa_accuracy(answer, [truth]) == 1.0
 
 
+def shipped_demo(folder: str | os.PathLike, draw_dir: str | os.PathLike | None = None) -> list[DemoAnswer]:
+    """Answers of the shipped model (`world.shipped`) to the held-out examples stored beside it."""
+    folder = Path(folder)
+    examples = folder / "examples.jsonl"
+    if not examples.is_file():
+        raise SphinxError(f"{folder} has no examples.jsonl; is it a shipped world model (`sphinx-mllm world export`)?")
+    chat = SphinxChat.load(folder, device="cpu", dtype="float32")
+    config = GenerationConfig(max_new_tokens=32, temperature=0.0)
+    out: list[DemoAnswer] = []
+    for record in read_records(examples):
+        image = Image.open(folder / record["image"]).convert("RGB")
+        question, truth = record["question"], record["answer"]
+        answer = chat.generate([build_messages([("user", question)], image)], config)[0]
+        drawn = None
+        if draw_dir is not None and record["task"] == "rec":
+            target = Path(draw_dir) / f"{Path(record['image']).stem}-{len(out)}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            draw_answer(image, answer).save(target)
+            drawn = str(target)
+        out.append(DemoAnswer(record["task"], record["image"], question.split("\n")[0], truth, answer, None,
+                              _correct(record["task"], truth, answer), drawn))
+    return out
+
+
 def run_demo(run: str | os.PathLike, per_task: int = 4, draw_dir: str | os.PathLike | None = None,
              seed: int = 0) -> list[DemoAnswer]:
     """Answers of `run`'s fine-tuned models to `per_task` held-out VQA and REC items each."""
@@ -88,4 +113,4 @@ def run_demo(run: str | os.PathLike, per_task: int = 4, draw_dir: str | os.PathL
     return out
 
 
-__all__ = ["DemoAnswer", "run_demo"]
+__all__ = ["DemoAnswer", "run_demo", "shipped_demo"]

@@ -224,6 +224,13 @@ def _answer_cap(records: Sequence[Mapping[str, Any]], count_tokens: Callable[[st
     return 2 * longest + 8
 
 
+def held_out_records(world: Path, task: str, limit: int, seed: int) -> list[dict[str, Any]]:
+    """The seeded subset of a world's held-out `task` records that a run evaluates (in file order)."""
+    records = read_records(world / "eval" / f"{task}.jsonl")
+    rng = random.Random(derive_seed(seed, "eval", task))
+    return [records[i] for i in sorted(rng.sample(range(len(records)), k=min(limit, len(records))))]
+
+
 def _mixture(path: Path, files: Sequence[tuple[str, str]], root: Path, comment: str) -> Path:
     """A mixture YAML over record files (paths relative to the YAML) with images under `root`."""
     meta = [{"path": f, "type": kind, "root": os.path.relpath(root, path.parent)} for f, kind in files]
@@ -346,9 +353,7 @@ class WorldRecipe:
             self._language_data(files, data)
         held, caps = {}, {}
         for task, limit in self.plan.eval_limits.items():
-            records = read_records(self.world / "eval" / f"{task}.jsonl")
-            rng = random.Random(derive_seed(self.o.seed, "eval", task))
-            chosen = [records[i] for i in sorted(rng.sample(range(len(records)), k=min(limit, len(records))))]
+            chosen = held_out_records(self.world, task, limit, self.o.seed)
             atomic_write_jsonl(data / "eval" / f"{task}.jsonl", chosen)
             held[task] = len(chosen)
             caps[task] = _answer_cap(chosen, count)
@@ -568,4 +573,4 @@ def run_recipe(out: str | os.PathLike, quick: bool = False, seed: int = 0, blind
 
 
 __all__ = ["ARMS", "LLMS", "PLANS", "PRESET", "SMOLLM2_LR", "SMOLLM2_MICRO_BATCH", "TARGETS", "RecipeOptions",
-           "RecipePlan", "Stage", "WorldRecipe", "cli_runner", "plan_for_llm", "run_recipe"]
+           "RecipePlan", "Stage", "WorldRecipe", "cli_runner", "held_out_records", "plan_for_llm", "run_recipe"]
