@@ -139,7 +139,7 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike = CHECKPOIN
         card = {
             "format": 1,
             "what": "the sighted arm's fine-tuned model of a default `sphinx-mllm world run`, in bfloat16",
-            "reproduce": f"sphinx-mllm world run --fresh --out runs/world --seed {options['seed']} --export DIR",
+            "reproduce": f"sphinx-mllm world run --fresh --out runs/world --seed {options['seed']} --export {out}",
             "source": {"plan": plan["name"], "seed": options["seed"], "llm": options.get("llm", "tiny"),
                        "commit": _commit(), "run_minutes": round(report.get("seconds", 0) / 60, 1)},
             "world": {**WorldConfig(seed=manifest["seed"], size=manifest["size"], image_size=manifest["image_size"],
