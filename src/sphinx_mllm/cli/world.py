@@ -35,11 +35,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from sphinx_mllm.world.recipe import run_recipe
 
+    if args.export is not None and args.quick:  # before --fresh deletes anything
+        raise SphinxError("--export ships the default plan's model; drop --quick")
     in_process = _in_process(args.log_level)
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
-    if args.export is not None and args.quick:
-        raise SphinxError("--export ships the default plan's model; drop --quick")
     summary = run_recipe(args.out, quick=args.quick, seed=args.seed, blind=not args.no_blind,
                          runner=in_process, llm=args.llm)
     for row in summary["targets"]:
@@ -129,7 +129,8 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         model = args.model or CHECKPOINT_DIR
         card = read_card(model)
-        _print_answers(shipped_demo(model, draw_dir=args.draw), f"the shipped world model ({model})")
+        answers = shipped_demo(model, draw_dir=args.draw)
+        _print_answers(answers, f"the shipped world model ({model})")
         print(f"Its held-out numbers ({card['source']['plan']} world run, {card['source']['run_minutes']} min on "
               "2 CPU cores; the blind twin saw blank images):")
         for task, metrics in card["metrics"].items():
@@ -137,7 +138,7 @@ def _demo(args: argparse.Namespace) -> int:
             for name, value in metrics.items():
                 other = f"   blind twin {blind[name]:.3f}" if name in blind else ""
                 print(f"  {task} {name}: {value:.3f}{other}")
-        image = model / sorted(r["image"] for r in _examples(model))[0]
+        image = model / min(a.image for a in answers)
         report = "How it was made: docs/world_report.md; rebuild it: " + card["reproduce"]
     print(f"Talk to the model yourself:\n  sphinx-mllm chat --model {model} --image {image}\n"
           f"  sphinx-mllm demo-ui --model {model}   (web demo)\n{report}")
@@ -145,12 +146,6 @@ def _demo(args: argparse.Namespace) -> int:
     if args.chat and image is not None:
         _chat_on(model, image)
     return 0
-
-
-def _examples(folder: Path) -> list[dict]:
-    from sphinx_mllm.world.packing import read_records
-
-    return read_records(folder / "examples.jsonl")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -49,6 +49,16 @@ def _correct(task: str, truth: str, answer: str) -> bool:
     return vqa_accuracy(answer, [truth]) == 1.0
 
 
+def _draw(image: Image.Image, answer: str, draw_dir: str | os.PathLike | None, name: str, index: int) -> str | None:
+    """The answer's boxes drawn on `image`, saved as DRAW_DIR/<stem of name>-<index>.png (None without a folder)."""
+    if draw_dir is None:
+        return None
+    target = Path(draw_dir) / f"{Path(name).stem}-{index}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    draw_answer(image, answer).save(target)
+    return str(target)
+
+
 def shipped_demo(folder: str | os.PathLike, draw_dir: str | os.PathLike | None = None) -> list[DemoAnswer]:
     """Answers of the shipped model (`world.shipped`) to the held-out examples stored beside it."""
     folder = Path(folder)
@@ -62,12 +72,7 @@ def shipped_demo(folder: str | os.PathLike, draw_dir: str | os.PathLike | None =
         image = Image.open(folder / record["image"]).convert("RGB")
         question, truth = record["question"], record["answer"]
         answer = chat.generate([build_messages([("user", question)], image)], config)[0]
-        drawn = None
-        if draw_dir is not None and record["task"] == "rec":
-            target = Path(draw_dir) / f"{Path(record['image']).stem}-{len(out)}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            draw_answer(image, answer).save(target)
-            drawn = str(target)
+        drawn = _draw(image, answer, draw_dir, record["image"], len(out)) if record["task"] == "rec" else None
         out.append(DemoAnswer(record["task"], record["image"], question.split("\n")[0], truth, answer, None,
                               _correct(record["task"], truth, answer), drawn))
     return out
@@ -102,12 +107,7 @@ def run_demo(run: str | os.PathLike, per_task: int = 4, draw_dir: str | os.PathL
             blind_answer = None
             if blind is not None and blank is not None:
                 blind_answer = blind.generate([build_messages([("user", question)], blank)], config)[0]
-            drawn = None
-            if draw_dir is not None and task == "rec":
-                target = Path(draw_dir) / f"{Path(record['image']).stem}-{len(out)}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                draw_answer(image, answer).save(target)
-                drawn = str(target)
+            drawn = _draw(image, answer, draw_dir, record["image"], len(out)) if task == "rec" else None
             out.append(DemoAnswer(task, record["image"], question.split("\n")[0], truth, answer, blind_answer,
                                   _correct(task, truth, answer), drawn))
     return out

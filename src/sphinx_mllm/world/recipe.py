@@ -231,6 +231,16 @@ def held_out_records(world: Path, task: str, limit: int, seed: int) -> list[dict
     return [records[i] for i in sorted(rng.sample(range(len(records)), k=min(limit, len(records))))]
 
 
+def evaluate_task(runner: Runner, model: Path, bench: Path, images: Path, output: Path, max_new_tokens: int,
+                  *extra: str) -> dict[str, float]:
+    """`sphinx-mllm eval run` of `model` on one task's records (resuming in `output`) -> {metric: value}."""
+    runner(["eval", "run", "--model", str(model), "--benchmark", str(bench), "--images-root", str(images),
+            "--output", str(output), "--batch-size", "16", "--device", "cpu", "--no-progress",
+            "--max-new-tokens", str(max_new_tokens), *extra])
+    found = json.loads((output / "metrics.json").read_text())["metrics"]  # {task: {name: value}}
+    return found.get(bench.stem, found)
+
+
 def _mixture(path: Path, files: Sequence[tuple[str, str]], root: Path, comment: str) -> Path:
     """A mixture YAML over record files (paths relative to the YAML) with images under `root`."""
     meta = [{"path": f, "type": kind, "root": os.path.relpath(root, path.parent)} for f, kind in files]
@@ -469,13 +479,8 @@ class WorldRecipe:
         caps = self.steps["data"]["result"]["answer_caps"]
         metrics = {}
         for task in self.plan.eval_limits:
-            run_dir = self.arm_dir(arm) / "eval" / task
-            bench = paths["eval"] / f"{task}.jsonl"
-            self.cli("eval", "run", "--model", model, "--benchmark", bench, "--images-root", paths["images"],
-                     "--output", run_dir, "--batch-size", "16", "--device", "cpu", "--no-progress",
-                     "--max-new-tokens", str(caps[task]))
-            found = json.loads((run_dir / "metrics.json").read_text())["metrics"]  # {task: {name: value}}
-            metrics[task] = found.get(task, found)
+            metrics[task] = evaluate_task(lambda argv: self.cli(*argv), model, paths["eval"] / f"{task}.jsonl",
+                                          paths["images"], self.arm_dir(arm) / "eval" / task, caps[task])
         return metrics
 
     def shuffle_check(self) -> dict[str, Any]:
@@ -573,4 +578,5 @@ def run_recipe(out: str | os.PathLike, quick: bool = False, seed: int = 0, blind
 
 
 __all__ = ["ARMS", "LLMS", "PLANS", "PRESET", "SMOLLM2_LR", "SMOLLM2_MICRO_BATCH", "TARGETS", "RecipeOptions",
-           "RecipePlan", "Stage", "WorldRecipe", "cli_runner", "held_out_records", "plan_for_llm", "run_recipe"]
+           "RecipePlan", "Stage", "WorldRecipe", "cli_runner", "evaluate_task", "held_out_records", "plan_for_llm",
+           "run_recipe"]

@@ -14,7 +14,6 @@ recipe's numbers for both arms, and a few held-out example images for the demo.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,11 +25,12 @@ from typing import Any
 
 import torch
 
+from sphinx_mllm.training.feature_cache import file_sha256
 from sphinx_mllm.utils import SphinxError, atomic_write_jsonl, atomic_write_text, get_logger
 from sphinx_mllm.utils.io import atomic_dir
 from sphinx_mllm.world.generate import WorldConfig, generate_world, load_manifest
 from sphinx_mllm.world.packing import read_records
-from sphinx_mllm.world.recipe import cli_runner, held_out_records
+from sphinx_mllm.world.recipe import cli_runner, evaluate_task, held_out_records
 
 log = get_logger(__name__)
 
@@ -46,14 +46,6 @@ TOLERANCE = 0.02
 """Allowed drop of a re-scored metric: greedy decoding in float32 may flip a token on another CPU."""
 
 Runner = Callable[[Sequence[str]], None]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _commit() -> str | None:
@@ -73,11 +65,7 @@ def _score(model: Path, records: dict[str, Path], images: Path, caps: dict[str, 
         out = work / task
         if out.exists():
             shutil.rmtree(out)  # never resume: the model may have changed since
-        runner(["eval", "run", "--model", str(model), "--benchmark", str(bench), "--images-root", str(images),
-                "--output", str(out), "--batch-size", "16", "--device", "cpu", "--dtype", "float32",
-                "--no-progress", "--max-new-tokens", str(caps[task])])
-        found = json.loads((out / "metrics.json").read_text())["metrics"]
-        metrics[task] = found.get(task, found)
+        metrics[task] = evaluate_task(runner, model, bench, images, out, caps[task], "--dtype", "float32")
     return metrics
 
 
@@ -146,10 +134,11 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike = CHECKPOIN
                                     ocr_max_words=manifest["ocr_max_words"],
                                     counts=manifest["counts"]).as_dict(),
                       "eval_images_sha256": manifest["eval"]["images_sha256"]},
-            "eval": {t: {"items": sum(1 for _ in p.open()), "max_new_tokens": caps[t]} for t, p in records.items()},
+            "eval": {t: {"items": steps["data"]["result"]["eval_items"][t], "max_new_tokens": caps[t]}
+                     for t in records},
             "metrics": shipped,
             "recipe_metrics": recipe,
-            "model_sha256": _sha256(tmp / "model.safetensors"),
+            "model_sha256": file_sha256(tmp / "model.safetensors"),
             "bytes": size,
         }
         atomic_write_text(tmp / CARD, json.dumps(card, indent=1) + "\n")
@@ -164,7 +153,7 @@ def check_checkpoint(folder: str | os.PathLike, work: str | os.PathLike, *, task
     from the card's, or a metric falls more than `TOLERANCE` below the card's."""
     folder, work = Path(folder), Path(work)
     card = read_card(folder)
-    if _sha256(folder / "model.safetensors") != card["model_sha256"]:
+    if file_sha256(folder / "model.safetensors") != card["model_sha256"]:
         raise SphinxError(f"{folder}/model.safetensors is not the model its card describes (SHA-256 differs)")
     tasks = list(card["eval"]) if tasks is None else list(tasks)
     if unknown := sorted(set(tasks) - set(card["eval"])):
