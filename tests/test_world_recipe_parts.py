@@ -4,10 +4,14 @@ logic and the `world run` command line. The full recipe runs in test_world_recip
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from sphinx_mllm.cli.main import main as cli_main
 from sphinx_mllm.config import SphinxConfig
@@ -19,6 +23,17 @@ from sphinx_mllm.world import WorldConfig, generate_world, world_image
 from sphinx_mllm.world.dense import CATEGORIES, DenseObject, cell_targets, dense_objects, view_windows
 from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders, sample_split
 from sphinx_mllm.world.packing import pack_records
+from sphinx_mllm.world.recipe import (
+    ARMS,
+    PLANS,
+    READING_LR,
+    READING_SCENES,
+    READING_TASKS,
+    RecipeOptions,
+    WorldRecipe,
+    plan_for_llm,
+    plan_for_reading,
+)
 from sphinx_mllm.world.report import check_targets
 from sphinx_mllm.world.tokenizer import COORDINATE_TOKENS, train_world_tokenizer
 
@@ -253,3 +268,59 @@ def test_init_coordinate_embeddings_sets_only_the_coordinate_rows(tokenizer_dir:
     others = torch.ones(len(before_in), dtype=torch.bool)
     others[ids] = False
     assert torch.equal(llm.get_input_embeddings().weight[others], before_in[others])
+
+
+# ----------------------------------------------------------------------------- --reading
+
+
+def test_reading_plan_lowers_the_llm_lr_and_needs_the_tiny_llm() -> None:
+    plan = plan_for_reading(PLANS["quick"])
+    assert plan.reading == READING_SCENES["quick"] and 0 < plan.rehearsal < 1
+    assert {plan.pretrain_real.lr, plan.pretrain_synthetic.lr, plan.finetune.lr} == {READING_LR}
+    assert plan.projector == PLANS["quick"].projector and plan.language == PLANS["quick"].language
+    with pytest.raises(SphinxError, match="already does"):
+        plan_for_reading(plan_for_llm(PLANS["quick"], "smollm2"))
+
+
+def test_reading_data_step_writes_reading_documents_and_rehearsal_mixtures(
+        world: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "world").symlink_to(world)
+    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    plan = replace(plan_for_reading(PLANS["quick"]), reading={"shapes": 6, "people": 2, "signs": 1, "document": 1},
+                   image_size=CONFIG.image_size)
+    recipe = WorldRecipe(RecipeOptions(out, plan), runner=lambda argv: None)
+    recipe.make_data()
+    docs = [json.loads(line) for line in (out / "data" / "language" / "text.jsonl").read_text().splitlines()]
+    assert docs and all(d["image"] is None for d in docs)
+    assert all(d["conversations"][0]["value"].startswith(("Context: an image of", "Context: a document page"))
+               for d in docs)
+    assert {t for d in docs for t in d["meta"]["tasks"]} <= set(READING_TASKS)
+    for arm in ARMS:
+        for stage in ("pretrain_real", "pretrain_synthetic", "finetune"):
+            path = recipe.stage_mixture(arm, stage)
+            assert path.parent == out / "data" / "rehearsal" / arm
+            meta = yaml.safe_load(path.read_text())["META"]
+            assert meta[-1]["type"] == "text" and meta[:-1] == [
+                {**m, **{k: os.path.relpath(os.path.abspath(recipe.arm_paths(arm)[stage].parent / m[k]), path.parent)
+                         for k in ("path", "root") if k in m}}
+                for m in yaml.safe_load(recipe.arm_paths(arm)[stage].read_text())["META"]]
+            data = MixtureDataset.from_yaml(path)
+            images = sum(1 for i in range(len(data)) if data[i]["image"] is not None)
+            texts = len(data) - images
+            assert texts == len(docs) and images > 0
+            share = meta[-1]["weight"] * texts / (meta[-1]["weight"] * texts + images)
+            assert share == pytest.approx(plan.rehearsal, abs=1e-4)
+            image = next(data[i]["image"] for i in range(len(data)) if data[i]["image"] is not None)
+            assert Path(image).is_file()  # image paths still resolve from the new folder
+    # without the option, the stages read the arms' own mixtures
+    plain = WorldRecipe(RecipeOptions(tmp_path / "plain", PLANS["quick"]), runner=lambda argv: None)
+    assert plain.stage_mixture("sighted", "finetune") == plain.arm_paths("sighted")["finetune"]
+
+
+def test_world_run_refuses_to_export_a_reading_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["world", "run", "--reading", "--fresh", "--out", str(tmp_path / "r"), "--export", str(tmp_path / "x")]
+    (tmp_path / "r").mkdir()
+    assert cli_main(argv) == 2
+    assert "--reading" in capsys.readouterr().err and (tmp_path / "r").is_dir()  # refused before --fresh

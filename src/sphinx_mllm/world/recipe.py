@@ -13,7 +13,9 @@ Steps, each one the project's ordinary command or library call (every command is
    without their images, `sphinx-mllm train`), standing in for the pretrained LLaMA that SPHINX starts from.
    Behind 260 image tokens a random LLM does not even learn which word of a question asks for what within a
    few hundred steps (measured, docs/world_report.md); on short text-only sequences it does in ~100. One run
-   serves both arms (no images in it); skipped with a pretrained LLM (`--llm smollm2`).
+   serves both arms (no images in it); skipped with a pretrained LLM (`--llm smollm2`). With `--reading`
+   (`plan_for_reading`) it reads scenes written in words followed by their dialogs (`world.reading`), and the
+   same documents make up a quarter of the caption and fine-tuning batches below, at a lower LLM lr.
 5. for the sighted model and its **blind twin** (every image replaced by a blank one, i.e. zeroed pixels):
    `projector` warm-up (`sphinx-mllm train`, stage projector), `pretrain_real` on real-domain captions
    with the LLM unfrozen, `pretrain_synthetic` continuing on synthetic captions, `mix` of the two
@@ -55,6 +57,7 @@ from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet
 from sphinx_mllm.world.generate import WorldConfig, ensure_world
 from sphinx_mllm.world.measure import held_out_loss, load_for_loss
 from sphinx_mllm.world.packing import keep_share, pack_mixture_files, read_records
+from sphinx_mllm.world.reading import reading_documents, reading_scenes
 from sphinx_mllm.world.smollm2 import (
     convert_smollm2,
     gguf_file,
@@ -105,6 +108,8 @@ class RecipePlan:
     eval_limits: Mapping[str, int]  # held-out records per task
     language: Stage | None = None  # text-only LLM pre-training before the image stages (None: none)
     language_max_length: int = 192
+    reading: Mapping[str, int] | None = None  # fresh scenes per kind of the language stage's reading documents
+    rehearsal: float = 0.0  # share of text-only reading batches in caption pre-training and fine-tuning
     pack_ratios: Mapping[str, float] = field(default_factory=dict)
     pack_max_tokens: int = 1024
     beta: float = 0.5
@@ -167,6 +172,7 @@ class RecipeOptions:
     seed: int = 0
     blind: bool = True
     llm: str = "tiny"
+    reading: bool = False  # the fourth round's LLM schedule (`plan_for_reading`)
 
     def __post_init__(self) -> None:
         if self.llm not in LLMS:
@@ -196,6 +202,34 @@ def plan_for_llm(plan: RecipePlan, llm: str) -> RecipePlan:
                    pretrain_real=pretrained(plan.pretrain_real, SMOLLM2_LR),
                    pretrain_synthetic=pretrained(plan.pretrain_synthetic, SMOLLM2_LR),
                    finetune=pretrained(plan.finetune, SMOLLM2_LR))
+
+
+READING_SCENES: dict[str, dict[str, int]] = {
+    "default": {"shapes": 1600, "people": 500, "signs": 300, "document": 300},
+    "quick": {"shapes": 600, "people": 180, "signs": 110, "document": 110},
+}
+"""`--reading`: fresh scenes per kind of the reading documents (as many as the plan's training images, ~4 documents
+each, so the language stage sees each document about once)."""
+READING_TASKS = ("vqa", "gqa", "conversation", "relation", "caption")
+"""Tasks of the reading documents: those whose answers are in the scene's words. Box answers cannot be read from
+them; with them the answer loss is mostly coordinates, and the LLM learned to read far less (measured)."""
+READING_LR = 5e-4
+"""`--reading`: peak lr of the stages that train the LLM on images. At the plans' 2e-3 - 3e-3, 60 steps of caption
+pre-training erase the reading the language stage taught (even with rehearsal); at 5e-4 it survives to the end."""
+READING_REHEARSAL = 0.25
+
+
+def plan_for_reading(plan: RecipePlan) -> RecipePlan:
+    """`plan` with the fourth round's LLM schedule (docs/world_report.md): a language stage on reading documents
+    (`world.reading`), the same documents as a quarter of the batches of the later stages (SPHINX mixes
+    text-only data into both), and a lower lr for the LLM in them."""
+    if plan.language is None:
+        raise SphinxError("--reading teaches the from-scratch LLM to read; a pretrained LLM (--llm smollm2) "
+                          "already does")
+    return replace(plan, reading=READING_SCENES[plan.name], rehearsal=READING_REHEARSAL, language_max_length=256,
+                   pretrain_real=replace(plan.pretrain_real, lr=READING_LR),
+                   pretrain_synthetic=replace(plan.pretrain_synthetic, lr=READING_LR),
+                   finetune=replace(plan.finetune, lr=READING_LR))
 
 
 TARGETS: dict[str, dict[str, float]] = {
@@ -241,6 +275,33 @@ def evaluate_task(runner: Runner, model: Path, bench: Path, images: Path, output
     return found.get(bench.stem, found)
 
 
+REHEARSED: tuple[str, ...] = ("pretrain_real", "pretrain_synthetic", "finetune")
+"""The stages whose mixtures take text-only batches with `plan.rehearsal`."""
+
+
+def _with_text(src: Path, dst: Path, text: Path, share: float) -> Path:
+    """Mixture `src` plus the text-only records `text` as a source of type `text`, weighted so that about `share`
+    of the batches are text (the sampler draws each global batch from one type, in proportion to weighted size).
+    SPHINX does the same with RefinedWeb in pre-training and ShareGPT in fine-tuning."""
+    if not 0.0 < share < 1.0:
+        raise SphinxError(f"the text share of a mixture must be in (0, 1), got {share}")
+    meta = yaml.safe_load(src.read_text())["META"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    size = 0
+    for entry in meta:  # paths relative to the new YAML's folder
+        for key in ("path", "root"):
+            if key in entry:
+                entry[key] = os.path.relpath(os.path.abspath(src.parent / entry[key]), dst.parent)
+        with (dst.parent / entry["path"]).open(encoding="utf-8") as f:
+            size += sum(1 for line in f if line.strip())
+    with text.open(encoding="utf-8") as f:
+        texts = sum(1 for line in f if line.strip())
+    weight = share / (1 - share) * size / texts
+    meta.append({"path": os.path.relpath(text, dst.parent), "type": "text", "weight": round(weight, 6)})
+    return _write_yaml(dst, {"META": meta, "seed": 0}, f"{src.name} with {share:.0%} of its batches text-only "
+                       "(reading documents)")
+
+
 def _mixture(path: Path, files: Sequence[tuple[str, str]], root: Path, comment: str) -> Path:
     """A mixture YAML over record files (paths relative to the YAML) with images under `root`."""
     meta = [{"path": f, "type": kind, "root": os.path.relpath(root, path.parent)} for f, kind in files]
@@ -253,6 +314,8 @@ class WorldRecipe:
     def __init__(self, options: RecipeOptions, runner: Runner = cli_runner) -> None:
         self.o = options
         self.plan = plan_for_llm(options.plan, options.llm)
+        if options.reading:
+            self.plan = plan_for_reading(self.plan)
         self.out = options.out
         self.runner = runner
         self.world = self.out / "world"
@@ -360,7 +423,7 @@ class WorldRecipe:
                            image_tokens=config.num_image_tokens, prefix_tokens=prefix, images_root=self.world,
                            ratios=self.plan.pack_ratios, seed=self.o.seed)
         if self.plan.language is not None:
-            self._language_data(files, data)
+            self._language_data(files, data, count, prefix)
         held, caps = {}, {}
         for task, limit in self.plan.eval_limits.items():
             chosen = held_out_records(self.world, task, limit, self.o.seed)
@@ -373,20 +436,35 @@ class WorldRecipe:
                      self.world, f"held-out {domain}-domain captions")
         if self.o.blind:
             self._blind_data(data)
+        if self.plan.rehearsal > 0:
+            for arm in ARMS if self.o.blind else ARMS[:1]:
+                for stage in REHEARSED:
+                    _with_text(self.arm_paths(arm)[stage], self.stage_mixture(arm, stage),
+                               data / "language" / "text.jsonl", self.plan.rehearsal)
         return {"eval_items": held, "answer_caps": caps,
                 "packed_dialogs": sum(1 for _ in (data / "finetune" / "packed.jsonl").open())}
 
-    def _language_data(self, files: Mapping[str, Path], data: Path) -> None:
-        """The text-only corpus of the `language` stage: the fine-tuning share of every task's dialogs, images
+    def _language_data(self, files: Mapping[str, Path], data: Path, count: Callable[[str], int], prefix: int
+                       ) -> None:
+        """The text-only corpus of the `language` stage: with `plan.reading`, reading documents (fresh scenes in
+        words, then their dialogs: `world.reading`); else the fine-tuning share of every task's dialogs, images
         dropped, one record per sequence."""
-        records = []
-        for task, path in sorted(files.items()):
-            kept = keep_share(read_records(path), self.plan.pack_ratios.get(task, 1.0), self.o.seed, task)
-            records += [{**r, "image": None} for r in kept if "conversations" in r]
-        random.Random(derive_seed(self.o.seed, "language")).shuffle(records)
+        if self.plan.reading is not None:
+            scenes = reading_scenes(self.o.seed, self.plan.reading, self.plan.image_size)
+            ratios = {task: float(task in READING_TASKS) for task in TASKS}
+            records = reading_documents(scenes, count, max_tokens=self.plan.language_max_length,
+                                        prefix_tokens=prefix, ratios=ratios, seed=self.o.seed)
+            what = f"reading documents: {len(scenes)} fresh scenes in words, each followed by its dialogs"
+        else:
+            records = []
+            for task, path in sorted(files.items()):
+                kept = keep_share(read_records(path), self.plan.pack_ratios.get(task, 1.0), self.o.seed, task)
+                records += [{**r, "image": None} for r in kept if "conversations" in r]
+            random.Random(derive_seed(self.o.seed, "language")).shuffle(records)
+            what = "every task's dialogs without their images"
         atomic_write_jsonl(data / "language" / "text.jsonl", records)
         _mixture(data / "language" / "mixture.yaml", [("text.jsonl", "image_text")], data / "language",
-                 "text-only LLM pre-training: every task's dialogs without their images")
+                 f"text-only LLM pre-training: {what}")
 
     def _blind_data(self, data: Path) -> None:
         """The blind twin's copies: every record's image is `blank.png`, a square of the padding colour (pixel
@@ -425,6 +503,13 @@ class WorldRecipe:
                 "finetune": blind / "finetune.yaml", "eval_caption_real": blind / "eval_caption_real.yaml",
                 "eval_caption_synthetic": blind / "eval_caption_synthetic.yaml", "eval": blind / "eval",
                 "images": blind, "features": self.out / "blind" / "features"}
+
+    def stage_mixture(self, arm: str, stage: str) -> Path:
+        """The training mixture of a stage in `REHEARSED`: the arm's own, or with `plan.rehearsal` that plus the
+        reading documents (`_with_text`)."""
+        if self.plan.rehearsal > 0:
+            return self.out / "data" / "rehearsal" / arm / f"{stage}.yaml"
+        return self.arm_paths(arm)[stage]
 
     def make_features(self, arm: str) -> dict[str, Any]:
         paths = self.arm_paths(arm)
@@ -501,17 +586,18 @@ class WorldRecipe:
         self.step(f"{arm}/projector", lambda: self.train_stage(
             arm, "projector", "projector", plan.projector, start, paths["pretrain_synthetic"], caption_len))
         self.step(f"{arm}/pretrain_real", lambda: self.train_stage(
-            arm, "pretrain_real", "pretrain", plan.pretrain_real, base / "projector" / "final", paths["pretrain_real"],
-            caption_len))
+            arm, "pretrain_real", "pretrain", plan.pretrain_real, base / "projector" / "final",
+            self.stage_mixture(arm, "pretrain_real"), caption_len))
         self.step(f"{arm}/pretrain_synthetic", lambda: self.train_stage(
             arm, "pretrain_synthetic", "pretrain", plan.pretrain_synthetic, base / "pretrain_real" / "final",
-            paths["pretrain_synthetic"], caption_len))
+            self.stage_mixture(arm, "pretrain_synthetic"), caption_len))
         self.step(f"{arm}/mix", lambda: self.cli(
             "mix", base / "pretrain_real" / "final", base / "pretrain_synthetic" / "final", "-o", base / "mixed",
             "--beta", str(plan.beta), "--overwrite", "--no-progress"))
         self.step(f"{arm}/caption_losses", lambda: self.caption_losses(arm))
         self.step(f"{arm}/finetune", lambda: self.train_stage(
-            arm, "finetune", "finetune", plan.finetune, base / "mixed", paths["finetune"], plan.pack_max_tokens + 64))
+            arm, "finetune", "finetune", plan.finetune, base / "mixed", self.stage_mixture(arm, "finetune"),
+            plan.pack_max_tokens + 64))
         self.step(f"{arm}/evaluate", lambda: self.evaluate(arm))
 
     def run_arms(self, arms: list[str]) -> None:
@@ -537,10 +623,15 @@ class WorldRecipe:
         fail before the world is drawn when SmolLM2 is asked for but neither converted nor installed."""
         path = self.out / "options.json"
         if path.is_file() and "tokenizer" in self.steps:  # the world alone does not depend on the LLM
-            before = json.loads(path.read_text()).get("llm", "tiny")  # runs from before the option: the tiny LLM
+            stored = json.loads(path.read_text())
+            before = stored.get("llm", "tiny")  # runs from before the option: the tiny LLM
             if before != self.o.llm:
                 raise SphinxError(f"{self.out} holds a run with --llm {before}; resuming it with --llm {self.o.llm} "
                                   "would mix the two. Use another --out, or --fresh to start over")
+            if stored.get("reading", False) != self.o.reading:
+                flag = "with" if stored.get("reading", False) else "without"
+                raise SphinxError(f"{self.out} holds a run {flag} --reading; resuming it the other way would mix "
+                                  "the two. Use another --out, or --fresh to start over")
         if self.o.llm == "smollm2" and not is_converted(self.out / SMOLLM2_DIR):
             gguf_file()
 
@@ -552,7 +643,8 @@ class WorldRecipe:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_llm()
         atomic_write_text(self.out / "options.json", json.dumps(
-            {"plan": asdict(self.plan), "seed": self.o.seed, "blind": self.o.blind, "llm": self.o.llm},
+            {"plan": asdict(self.plan), "seed": self.o.seed, "blind": self.o.blind, "llm": self.o.llm,
+             "reading": self.o.reading},
             indent=1, default=str) + "\n")
         start = time.perf_counter()
         self.step("world", self.make_world)
@@ -571,12 +663,12 @@ class WorldRecipe:
 
 
 def run_recipe(out: str | os.PathLike, quick: bool = False, seed: int = 0, blind: bool = True,
-               runner: Runner = cli_runner, llm: str = "tiny") -> dict[str, Any]:
+               runner: Runner = cli_runner, llm: str = "tiny", reading: bool = False) -> dict[str, Any]:
     """Run the world recipe into `out` (see the module docstring) and return its summary."""
-    options = RecipeOptions(Path(out), PLANS["quick" if quick else "default"], seed, blind, llm)
+    options = RecipeOptions(Path(out), PLANS["quick" if quick else "default"], seed, blind, llm, reading)
     return WorldRecipe(options, runner).run()
 
 
-__all__ = ["ARMS", "LLMS", "PLANS", "PRESET", "SMOLLM2_LR", "SMOLLM2_MICRO_BATCH", "TARGETS", "RecipeOptions",
-           "RecipePlan", "Stage", "WorldRecipe", "cli_runner", "evaluate_task", "held_out_records", "plan_for_llm",
-           "run_recipe"]
+__all__ = ["ARMS", "LLMS", "PLANS", "PRESET", "READING_LR", "READING_SCENES", "READING_TASKS", "SMOLLM2_LR",
+           "SMOLLM2_MICRO_BATCH", "TARGETS", "RecipeOptions", "RecipePlan", "Stage", "WorldRecipe", "cli_runner",
+           "evaluate_task", "held_out_records", "plan_for_llm", "plan_for_reading", "run_recipe"]
