@@ -324,3 +324,6 @@ def test_world_run_refuses_to_export_a_reading_run(tmp_path: Path, capsys: pytes
     (tmp_path / "r").mkdir()
     assert cli_main(argv) == 2
     assert "--reading" in capsys.readouterr().err and (tmp_path / "r").is_dir()  # refused before --fresh
+    argv = ["world", "run", "--reading", "--llm", "smollm2", "--fresh", "--out", str(tmp_path / "r")]
+    assert cli_main(argv) == 2
+    assert "already does" in capsys.readouterr().err and (tmp_path / "r").is_dir()

@@ -37,6 +37,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.export is not None and args.quick:  # before --fresh deletes anything
         raise SphinxError("--export ships the default plan's model; drop --quick")
+    if args.reading and args.llm != "tiny":
+        raise SphinxError("--reading teaches the from-scratch LLM to read; a pretrained LLM (--llm smollm2) already "
+                          "does")
     if args.export is not None and args.reading:
         raise SphinxError("--export ships the default recipe's model (its card's command has no --reading); drop "
                           "--reading, or export a --reading run later with `sphinx-mllm world export`")
