@@ -287,15 +287,18 @@ def _with_text(src: Path, dst: Path, text: Path, share: float) -> Path:
         raise SphinxError(f"the text share of a mixture must be in (0, 1), got {share}")
     meta = yaml.safe_load(src.read_text())["META"]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    size = 0
+    size = 0.0
     for entry in meta:  # paths relative to the new YAML's folder
         for key in ("path", "root"):
             if key in entry:
                 entry[key] = os.path.relpath(os.path.abspath(src.parent / entry[key]), dst.parent)
-        with (dst.parent / entry["path"]).open(encoding="utf-8") as f:
-            size += sum(1 for line in f if line.strip())
+        with (dst.parent / entry["path"]).open(encoding="utf-8") as f:  # what the sampler draws from
+            kept = int(sum(1 for line in f if line.strip()) * float(entry.get("ratio", 1.0)))
+        size += kept * float(entry.get("weight", 1.0))
     with text.open(encoding="utf-8") as f:
         texts = sum(1 for line in f if line.strip())
+    if texts == 0:
+        raise SphinxError(f"{text} holds no records to mix into {src}")
     weight = share / (1 - share) * size / texts
     meta.append({"path": os.path.relpath(text, dst.parent), "type": "text", "weight": round(weight, 6)})
     return _write_yaml(dst, {"META": meta, "seed": 0}, f"{src.name} with {share:.0%} of its batches text-only "
