@@ -221,8 +221,8 @@ READING_REHEARSAL = 0.25
 
 def plan_for_reading(plan: RecipePlan) -> RecipePlan:
     """`plan` with the fourth round's LLM schedule (docs/world_report.md): a language stage on reading documents
-    (`world.reading`), the same documents as a quarter of the batches of the later stages (SPHINX mixes
-    text-only data into both), and a lower lr for the LLM in them."""
+    (`world.reading`), the same documents as a quarter of the batches of the later stages (rehearsal,
+    `_with_text`), and a lower lr for the LLM in them."""
     if plan.language is None:
         raise SphinxError("--reading teaches the from-scratch LLM to read; a pretrained LLM (--llm smollm2) "
                           "already does")
@@ -282,7 +282,8 @@ REHEARSED: tuple[str, ...] = ("pretrain_real", "pretrain_synthetic", "finetune")
 def _with_text(src: Path, dst: Path, text: Path, share: float) -> Path:
     """Mixture `src` plus the text-only records `text` as a source of type `text`, weighted so that about `share`
     of the batches are text (the sampler draws each global batch from one type, in proportion to weighted size).
-    SPHINX does the same with RefinedWeb in pre-training and ShareGPT in fine-tuning."""
+    Text-only rehearsal keeps what the LLM learned from text; the SPHINX paper mixes text-only data into its
+    stages too (from memory: not checked against the release offline)."""
     if not 0.0 < share < 1.0:
         raise SphinxError(f"the text share of a mixture must be in (0, 1), got {share}")
     meta = yaml.safe_load(src.read_text())["META"]
