@@ -33,13 +33,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import shutil
 
-    from sphinx_mllm.world.recipe import run_recipe
+    from sphinx_mllm.world.recipe import PLANS, plan_for_llm, plan_for_reading, run_recipe
 
     if args.export is not None and args.quick:  # before --fresh deletes anything
         raise SphinxError("--export ships the default plan's model; drop --quick")
-    if args.reading and args.llm != "tiny":
-        raise SphinxError("--reading teaches the from-scratch LLM to read; a pretrained LLM (--llm smollm2) already "
-                          "does")
+    if args.reading:  # the plan's own check, before --fresh deletes anything
+        plan_for_reading(plan_for_llm(PLANS["default"], args.llm))
     if args.export is not None and args.reading:
         raise SphinxError("--export ships the default recipe's model (its card's command has no --reading); drop "
                           "--reading, or export a --reading run later with `sphinx-mllm world export`")

@@ -48,19 +48,23 @@ def keep_share(records: list[dict[str, Any]], ratio: float, seed: int, task: str
 
 def pack_records(
     records_by_task: Mapping[str, Sequence[dict[str, Any]]], count_tokens: Callable[[str], int], *,
-    max_tokens: int, image_tokens: int, prefix_tokens: int, ratios: Mapping[str, float] | None = None, seed: int = 0,
+    max_tokens: int, image_tokens: int | Callable[[str], int], prefix_tokens: int,
+    ratios: Mapping[str, float] | None = None, seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Dialogs of the kept records of each image; each fits in `max_tokens` (`image_tokens` + the BOS and
-    system prompt's `prefix_tokens` + its turns). A record longer than that alone stays alone."""
+    system prompt's `prefix_tokens` + its turns). `image_tokens` may depend on the image (a callable of its
+    path: what stands in for the image, e.g. a scene in words, `world.reading`). A record longer than that alone
+    stays alone."""
     by_image: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     for task, records in sorted(records_by_task.items()):
         for record in keep_share(list(records), (ratios or {}).get(task, 1.0), seed, task):
             if record.get("image") is None or "conversations" not in record:
                 raise SphinxError(f"record {record.get('id')!r} of {task}: packing needs image conversation records")
             by_image[record["image"]].append((task, record))
-    budget = max_tokens - image_tokens - prefix_tokens
+    image_cost = image_tokens if callable(image_tokens) else lambda _: image_tokens
     out: list[dict[str, Any]] = []
     for image in sorted(by_image):
+        budget = max_tokens - image_cost(image) - prefix_tokens
         items = by_image[image]
         random.Random(derive_seed(seed, "pack", image)).shuffle(items)
         packs: list[list[tuple[str, dict[str, Any]]]] = []

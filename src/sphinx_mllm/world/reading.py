@@ -25,7 +25,7 @@ from sphinx_mllm.tasks import TASKS
 from sphinx_mllm.utils import SphinxError
 from sphinx_mllm.world.canvas import derive_seed
 from sphinx_mllm.world.language import synthetic_caption
-from sphinx_mllm.world.packing import TURN_OVERHEAD, keep_share, pack_records
+from sphinx_mllm.world.packing import TURN_OVERHEAD, pack_records
 from sphinx_mllm.world.records import Annotator
 from sphinx_mllm.world.scene import KINDS, WorldImage, sample_image
 
@@ -62,19 +62,14 @@ def reading_documents(
         for task, records in annotator.annotate(image, path).items():
             if task in TASKS:
                 by_task[task] += [r for r in records if "conversations" in r]
-    by_image: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for task, records in by_task.items():
-        for record in keep_share(records, (ratios or {}).get(task, 1.0), seed, task):
-            by_image[record["image"]][task].append(record)
+    # the scene's own description takes the place of the image tokens in each dialog's budget
+    packed = pack_records(by_task, count_tokens, max_tokens=max_tokens, prefix_tokens=prefix_tokens, ratios=ratios,
+                          seed=seed, image_tokens=lambda path: count_tokens(context[path]) + TURN_OVERHEAD)
     out = []
-    for path, records in by_image.items():
-        # the scene's own description takes the place of the image tokens in each dialog's budget
-        for record in pack_records(records, count_tokens, max_tokens=max_tokens, seed=seed,
-                                   image_tokens=count_tokens(context[path]) + TURN_OVERHEAD,
-                                   prefix_tokens=prefix_tokens):
-            turns = [dict(t) for t in record["conversations"]]
-            turns[0]["value"] = context[path] + turns[0]["value"]
-            out.append({**record, "image": None, "conversations": turns})
+    for record in packed:
+        turns = [dict(t) for t in record["conversations"]]
+        turns[0]["value"] = context[record["image"]] + turns[0]["value"]
+        out.append({**record, "image": None, "conversations": turns})
     random.Random(derive_seed(seed, READING_SPLIT, "order")).shuffle(out)
     return out
 
