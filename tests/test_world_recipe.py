@@ -153,3 +153,51 @@ def test_export_refuses_an_unfinished_run(tmp_path: Path, capsys: pytest.Capture
     assert cli_main(["world", "export", "--run", str(tmp_path), "--out", str(tmp_path / "ship")]) == 2
     assert "has not finished" in capsys.readouterr().err
     assert not (tmp_path / "ship").exists()
+
+
+def test_oracle_features_hold_the_labels_and_the_probe_reads_them(
+        quick_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`world oracle-features` writes the world's labels as a cache the run's models accept (same fingerprint);
+    `world probe` measures a model on it and on the real cache; a second write without --overwrite is refused."""
+    from sphinx_mllm.training.feature_cache import FeatureCache, file_sha256
+    from sphinx_mllm.world.dense import dense_objects, view_windows
+    from sphinx_mllm.world.encoders import sample_split, world_config_of
+    from sphinx_mllm.world.measure import load_for_loss
+    from sphinx_mllm.world.oracle import ORACLE_FIELDS, ORACLE_SCALE
+
+    out = tmp_path / "oracle"
+    assert cli_main(["world", "oracle-features", "--run", str(quick_run), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\nTrain on it")[0])
+    assert summary["encoder"] == "convnext" and summary["images"] == sum(
+        sum(kinds.values()) for kinds in PLANS["quick"].world.values())
+    model, _ = load_for_loss(quick_run / "sighted" / "finetune" / "final")
+    cache = FeatureCache(out)
+    cache.check(model)  # the run's models take it in place of the real cache
+    # an eval image's biggest thing: its colour one-hot sits on the global-view cell of its centre
+    image = next(im for im in sample_split(world_config_of(quick_run / "world"), "eval") if im.shapes)
+    feats = cache.features_for_image(str(quick_run / "world" / "images" / "eval" / f"{image.name}.png"))
+    thing = max((o for o in dense_objects(image) if o.slot == "thing"), key=lambda o: o.area)
+    assert view_windows(2)[0] == (0.0, 0.0, 1.0)
+    cell = min(int(thing.center[1] * 7), 6) * 7 + min(int(thing.center[0] * 7), 6)
+    colour_at = ORACLE_FIELDS[0][2]  # the colour block follows the thing's category block
+    assert feats["convnext"][0, cell, colour_at + thing.colour].item() == ORACLE_SCALE
+    assert feats["convnext"][0, cell, colour_at:colour_at + ORACLE_FIELDS[1][2]].count_nonzero() == 1
+    assert feats["clip"].abs().sum() == 0 and feats["dinov2"].abs().sum() == 0
+    assert file_sha256(quick_run / "world" / "images" / "eval" / f"{image.name}.png") in cache
+
+    assert cli_main(["world", "oracle-features", "--run", str(quick_run), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(["world", "oracle-features", "--run", str(tmp_path)]) == 2
+    assert "not a `world run` folder" in capsys.readouterr().err
+
+    final = quick_run / "sighted" / "finetune" / "final"
+    mixture = quick_run / "data" / "shuffle_check.yaml"
+    for features in (out, quick_run / "features"):
+        assert cli_main(["world", "probe", "--model", str(final), "--mixture", str(mixture), "--feature-cache",
+                         str(features), "--limit", "24", "--json"]) == 0
+        probe = json.loads(capsys.readouterr().out)
+        assert probe["items"] == 24 and 0.0 <= probe["accuracy"] <= 1.0 and 0.0 <= probe["shuffled_accuracy"] <= 1.0
+        assert sum(n for _, _, n in probe["groups"].values()) == 24
+        assert any(g.startswith("vqa:") for g in probe["groups"]) and probe["shuffled_loss"] is not None
+    assert cli_main(["world", "probe", "--model", str(final), "--mixture", str(mixture), "--batch-size", "1"]) == 2
+    assert "--batch-size must be >= 2" in capsys.readouterr().err

@@ -94,6 +94,41 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _oracle(args: argparse.Namespace) -> int:
+    from sphinx_mllm.world.oracle import oracle_summary, write_oracle_cache
+
+    out = write_oracle_cache(args.run, args.out, encoder=args.encoder, overwrite=args.overwrite)
+    print(json.dumps({"out": str(out), **oracle_summary(out)}, indent=2))
+    print(f"Train on it: set data.feature_cache: {out} in a copy of a stage's config under {args.run / 'configs'}; "
+          f"measure it: sphinx-mllm world probe --model MODEL --feature-cache {out}")
+    sys.stdout.flush()
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from sphinx_mllm.world.measure import held_out_loss, load_for_loss
+
+    if args.limit is not None and args.limit < 2:
+        raise SphinxError(f"--limit must be >= 2, got {args.limit}")
+    if args.batch_size < 2:
+        raise SphinxError(f"--batch-size must be >= 2 (images are swapped within a batch), got {args.batch_size}")
+    if not args.mixture.is_file():
+        raise SphinxError(f"mixture {args.mixture} does not exist")
+    model, processor = load_for_loss(args.model)
+    result = held_out_loss(model, processor, args.mixture, feature_cache=args.feature_cache, limit=args.limit,
+                           batch_size=args.batch_size, max_length=args.max_length)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1))
+    else:
+        print(f"{result.items} items, {result.tokens} answer tokens; own image / images swapped between items")
+        print(f"  answer loss   {result.loss:.3f} / {result.shuffled_loss:.3f}")
+        print(f"  exact answers {result.accuracy:.3f} / {result.shuffled_accuracy:.3f}  (teacher-forced)")
+        for group, (own, swapped, n) in result.groups.items():
+            print(f"    {group:<24s} {own:.2f} / {'-' if swapped is None else f'{swapped:.2f}'}  ({n})")
+    sys.stdout.flush()
+    return 0
+
+
 def _print_answers(answers: list, source: str) -> None:
     print(f"held-out world questions (never seen in training), answered by {source}:")
     for a in answers:
@@ -228,3 +263,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--n", type=int, default=4, help="questions per task (default 4)")
     d.add_argument("--draw", type=Path, default=None, help="folder for images with the answered boxes drawn")
     d.set_defaults(func=_demo)
+
+    o = world_sub.add_parser(
+        "oracle-features",
+        help="a feature cache of the world's own labels (a perfect encoder), to tell encoder from LLM problems",
+        description="Writes, for every train and eval image of a finished (or encoded) `world run`, one-hots of "
+        "what covers each cell (category, colour, size, pose, word) and of its row and column, in one encoder's "
+        "channels (zeros elsewhere), as a feature cache with the run's fingerprint: any stage config of the run "
+        "trains on it with data.feature_cache, and `world probe` measures on it. Written beside OUT, then renamed.",
+    )
+    o.add_argument("--run", type=Path, default=Path("runs/world"), help="a `world run` folder with its features")
+    o.add_argument("--out", type=Path, default=None, help="cache folder (default RUN/features-oracle)")
+    o.add_argument("--encoder", default=None, help="encoder whose channels hold the labels (default: the first wide "
+                   "enough)")
+    o.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
+    o.set_defaults(func=_oracle)
+
+    q = world_sub.add_parser(
+        "probe", help="does a model read its image? answer loss and exact answers, own image vs swapped",
+        description="Teacher-forced on held-out records: the answer-token loss and the share of items whose every "
+        "answer token is the model's top choice, with each item's own image and with the images rotated between "
+        "items, overall and per question type. Reads pixels, or a feature cache (a run's features, or "
+        "`world oracle-features`).",
+    )
+    q.add_argument("--model", type=Path, required=True, help="a saved model folder (e.g. RUN/sighted/finetune/final)")
+    q.add_argument("--mixture", type=Path, required=True,
+                   help="a mixture YAML of held-out records (e.g. RUN/data/shuffle_check.yaml)")
+    q.add_argument("--feature-cache", type=Path, default=None, help="encoder features to use instead of pixels")
+    q.add_argument("--limit", type=int, default=None, help="first N items only")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--max-length", type=int, default=2048, help="tokens per item (longer ones are cut)")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    q.set_defaults(func=_probe)

@@ -164,6 +164,26 @@ class _Writer:
         self.shards_written += 1
 
 
+def write_feature_cache(output: str | os.PathLike, index: dict[str, Any],
+                        items: Iterable[tuple[str, dict[str, torch.Tensor]]], shard_bytes: int = 1 << 30) -> int:
+    """Write features that did not come from running encoders (e.g. `world.oracle`'s label features) as a cache
+    folder: `index` is a complete index (format, version, fingerprint, preset, num_views, dtype, encoders) without
+    shards; `items` yields (image sha256, {encoder: [V, T, C]}). Returns the number of shards written."""
+    folder = Path(output)
+    if (folder / INDEX_FILE).exists():
+        raise SphinxError(f"{folder} already holds a feature cache; use another folder")
+    missing = sorted({"format", "version", "fingerprint", "num_views", "dtype", "encoders"} - set(index))
+    if missing:
+        raise SphinxError(f"feature cache index lacks {missing}")
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, index["dtype"])
+    writer = _Writer(folder, {**index, "shards": []}, shard_bytes)
+    for image_hash, feats in items:
+        writer.add(image_hash, {n: t.to(dtype) for n, t in feats.items()})
+    writer.flush()
+    return writer.shards_written
+
+
 def _open_index(folder: Path, model: SphinxForConditionalGeneration, fingerprint: str,
                 dtype: torch.dtype) -> dict[str, Any]:
     index_file = folder / INDEX_FILE
@@ -237,4 +257,6 @@ def build_feature_cache(model: SphinxForConditionalGeneration, images: Iterable[
     return report
 
 
-__all__ = ["CacheReport", "FeatureCache", "build_feature_cache", "encoder_fingerprint", "file_sha256"]
+__all__ = [
+    "CacheReport", "FeatureCache", "build_feature_cache", "encoder_fingerprint", "file_sha256", "write_feature_cache",
+]

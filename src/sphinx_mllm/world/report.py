@@ -262,7 +262,9 @@ def _markdown(summary: Mapping[str, Any], figures: Mapping[str, bool], plan: Any
     if check:
         lines += ["## Shuffle check", "",
                   f"Held-out answer loss of the fine-tuned model: {_fmt(check['loss'])} with each item's own image, "
-                  f"{_fmt(check['shuffled_loss'])} with the images swapped between items ({check['tokens']} tokens).",
+                  f"{_fmt(check['shuffled_loss'])} with the images swapped between items ({check['tokens']} tokens)."
+                  + (f" Items answered exactly (teacher-forced): {_fmt(check['accuracy'])} and "
+                     f"{_fmt(check['shuffled_accuracy'])} ({check['items']} items)." if "accuracy" in check else ""),
                   ""]
     if figures.get("stages"):
         lines += ["## Training curves", "", "![loss curves](plots/loss_curves.png)", ""]
