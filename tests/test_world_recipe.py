@@ -201,3 +201,5 @@ def test_oracle_features_hold_the_labels_and_the_probe_reads_them(
         assert any(g.startswith("vqa:") for g in probe["groups"]) and probe["shuffled_loss"] is not None
     assert cli_main(["world", "probe", "--model", str(final), "--mixture", str(mixture), "--batch-size", "1"]) == 2
     assert "--batch-size must be >= 2" in capsys.readouterr().err
+    assert cli_main(["world", "probe", "--model", str(tmp_path), "--mixture", str(mixture)]) == 2
+    assert "not a saved model folder" in capsys.readouterr().err

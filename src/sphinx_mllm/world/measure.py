@@ -133,6 +133,8 @@ def held_out_loss(model: SphinxForConditionalGeneration, processor: SphinxProces
 def load_for_loss(folder: str | os.PathLike) -> tuple[SphinxForConditionalGeneration, SphinxProcessor]:
     """A saved model (float32, eval mode) and its processor."""
     folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SphinxError(f"{folder} is not a saved model folder (no config.json)")
     model = SphinxForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     return model, SphinxProcessor.from_pretrained(folder)
 
