@@ -173,12 +173,18 @@ def test_oracle_features_hold_the_labels_and_the_probe_reads_them(
     model, _ = load_for_loss(quick_run / "sighted" / "finetune" / "final")
     cache = FeatureCache(out)
     cache.check(model)  # the run's models take it in place of the real cache
-    # an eval image's biggest thing: its colour one-hot sits on the global-view cell of its centre
-    image = next(im for im in sample_split(world_config_of(quick_run / "world"), "eval") if im.shapes)
-    feats = cache.features_for_image(str(quick_run / "world" / "images" / "eval" / f"{image.name}.png"))
-    thing = max((o for o in dense_objects(image) if o.slot == "thing"), key=lambda o: o.area)
+    # a held-out thing alone in the global-view cell of its centre: its colour one-hot sits on that cell
     assert view_windows(2)[0] == (0.0, 0.0, 1.0)
-    cell = min(int(thing.center[1] * 7), 6) * 7 + min(int(thing.center[0] * 7), 6)
+
+    def centre_cell(o: object) -> int:
+        return min(int(o.center[1] * 7), 6) * 7 + min(int(o.center[0] * 7), 6)  # type: ignore[attr-defined]
+
+    image, thing = next(
+        (im, t) for im in sample_split(world_config_of(quick_run / "world"), "eval") if im.shapes
+        for things in [[o for o in dense_objects(im) if o.slot == "thing"]] for t in things
+        if [centre_cell(o) for o in things].count(centre_cell(t)) == 1)
+    feats = cache.features_for_image(str(quick_run / "world" / "images" / "eval" / f"{image.name}.png"))
+    cell = centre_cell(thing)
     colour_at = ORACLE_FIELDS[0][2]  # the colour block follows the thing's category block
     assert feats["convnext"][0, cell, colour_at + thing.colour].item() == ORACLE_SCALE
     assert feats["convnext"][0, cell, colour_at:colour_at + ORACLE_FIELDS[1][2]].count_nonzero() == 1
