@@ -112,8 +112,6 @@ def _probe(args: argparse.Namespace) -> int:
         raise SphinxError(f"--limit must be >= 2, got {args.limit}")
     if args.batch_size < 2:
         raise SphinxError(f"--batch-size must be >= 2 (images are swapped within a batch), got {args.batch_size}")
-    if not args.mixture.is_file():
-        raise SphinxError(f"mixture {args.mixture} does not exist")
     model, processor = load_for_loss(args.model)
     result = held_out_loss(model, processor, args.mixture, feature_cache=args.feature_cache, limit=args.limit,
                            batch_size=args.batch_size, max_length=args.max_length)

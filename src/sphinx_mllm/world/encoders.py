@@ -448,6 +448,14 @@ class PretrainedEncoders:
     seconds: dict[str, float]
 
 
+def shared_grid(specs: Sequence[EncoderSpec]) -> int:
+    """The one token grid side of the world encoders (those with a grid); refuses several."""
+    grids = {s.grid for s in specs if s.grid is not None}
+    if len(grids) != 1:
+        raise SphinxError(f"world encoders must share one token grid, got {sorted(grids)}")
+    return grids.pop()
+
+
 def pretrain_encoders(config: SphinxConfig, data: WorldImageSet, tokenize: Callable[[str], list[int]], vocab: int,
                       settings: EncoderPretraining = EncoderPretraining()) -> PretrainedEncoders:
     """Pre-train every encoder of `config` by its family's paradigm (`PARADIGMS`) on `data`."""
@@ -455,12 +463,9 @@ def pretrain_encoders(config: SphinxConfig, data: WorldImageSet, tokenize: Calla
     missing = sorted({s.name for s in specs} - set(settings.budgets))
     if missing:
         raise SphinxError(f"no pre-training budget for encoder(s) {missing}")
-    grids = {s.grid for s in specs if s.grid is not None}
-    if len(grids) != 1:
-        raise SphinxError(f"world encoders must share one token grid, got {sorted(grids)}")
     # Cover labels for both dense paradigms: geometry reads presence, boxes, keypoints and the category of
     # object-centre cells only, where cover and centre labels agree (tests/test_world_recipe_parts.py).
-    targets = view_targets(data.objects, config.view_grid, grids.pop(), cover=True)
+    targets = view_targets(data.objects, config.view_grid, shared_grid(specs), cover=True)
     caption_ids = [tokenize(c) for c in data.captions]
     out = PretrainedEncoders({}, {}, {}, {})
     for spec in specs:
@@ -521,7 +526,7 @@ def probe_encoders(pre: PretrainedEncoders, config: SphinxConfig, data: WorldIma
     """Held-out quality of each encoder through its own objective's heads: semantic accuracies, box IoU of the
     geometry cells (global view) and caption retrieval among 64 of the contrastive one."""
     specs = {s.name: s for s in config.encoder_specs}
-    grid = next(s.grid for s in specs.values() if s.grid is not None)
+    grid = shared_grid(list(specs.values()))
     targets = view_targets(data.objects, config.view_grid, grid)
     caption_ids = [tokenize(c) for c in data.captions]
     out: dict[str, dict[str, float]] = {}

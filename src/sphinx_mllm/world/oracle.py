@@ -11,7 +11,6 @@ cannot help them (docs/world_report.md, fifth round).
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from sphinx_mllm.config import EncoderSpec, SphinxConfig
 from sphinx_mllm.training.feature_cache import INDEX_FILE, FeatureCache, file_sha256, write_feature_cache
 from sphinx_mllm.utils import SphinxError, get_logger
 from sphinx_mllm.world.dense import CATEGORIES, WORD_VOCAB, DenseObject, cell_targets, dense_objects, view_windows
-from sphinx_mllm.world.encoders import sample_split, world_config_of
+from sphinx_mllm.world.encoders import sample_split, shared_grid, world_config_of
 from sphinx_mllm.world.vocab import COLOURS, POSES
 
 log = get_logger(__name__)
@@ -91,13 +90,9 @@ def write_oracle_cache(run: str | Path, out: str | Path | None = None, *, encode
         raise SphinxError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
     index = FeatureCache(real).index
     config = SphinxConfig.from_pretrained(run / "init")
-    specs = config.encoder_specs
-    grids = {s.grid for s in specs if s.grid is not None}
-    if len(grids) != 1:
-        raise SphinxError(f"oracle features need one token grid shared by the encoders, got {sorted(grids)}")
-    grid = grids.pop()
-    chosen = _oracle_encoder(specs, grid, encoder)
-    shapes = {s.name: (config.num_views, s.num_tokens, s.width) for s in specs}
+    grid = shared_grid(config.encoder_specs)
+    chosen = _oracle_encoder(config.encoder_specs, grid, encoder)
+    shapes = {name: (index["num_views"], *tokens_width) for name, tokens_width in index["encoders"].items()}
     world = run / "world"
     wconfig = world_config_of(world)
 
@@ -127,8 +122,8 @@ def write_oracle_cache(run: str | Path, out: str | Path | None = None, *, encode
 
 def oracle_summary(folder: str | Path) -> dict[str, object]:
     """What an oracle cache holds (its index's `oracle` entry and image count)."""
-    index = json.loads((Path(folder) / INDEX_FILE).read_text())
-    return {**index.get("oracle", {}), "images": sum(len(s["images"]) for s in index["shards"])}
+    cache = FeatureCache(folder)
+    return {**cache.index.get("oracle", {}), "images": len(cache)}
 
 
 __all__ = ["ORACLE_DIR", "ORACLE_FIELDS", "oracle_features", "oracle_summary", "oracle_width", "write_oracle_cache"]
