@@ -22,6 +22,7 @@ from sphinx_mllm.processing import (
     render,
 )
 from sphinx_mllm.processing.image import PAD_FILL, normalize
+from sphinx_mllm.processing.views import pick_views
 from sphinx_mllm.utils.errors import SphinxError
 
 FILL = PAD_FILL
@@ -85,6 +86,18 @@ def test_views_of_a_larger_square_are_cut_from_its_downscale() -> None:
     assert torch.equal(views[:, 4], down[..., 224:, 224:])
     v3 = make_views(torch.randn(1, 3, 672, 672), view_size=224, grid=3)
     assert v3.shape[1] == 10
+
+
+def test_picked_views_equal_the_same_views_of_make_views() -> None:
+    # The world's encoder pre-training cuts one view per item; it must be bit-for-bit what the model sees.
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 448, 448)
+    which = torch.tensor([0, 1, 2, 3, 4, 0, 3])
+    for size in (224, 112):
+        assert torch.equal(pick_views(x, size, 2, which), make_views(x, size, 2)[torch.arange(7), which])
+    assert torch.equal(pick_views(x, 224, 0, torch.zeros(7, dtype=torch.long)), make_views(x, 224, 0)[:, 0])
+    with pytest.raises(ValueError, match="view 5 out of range"):
+        pick_views(x, 224, 2, torch.tensor([5] * 7))
 
 
 # ------------------------------------------------------------------------------------ bad images

@@ -211,6 +211,17 @@ def _pretrain(world: Path, tokenizer_dir: Path, seed: int) -> dict[str, torch.Te
     return {f"{n}.{k}": v.clone() for n, e in pre.encoders.items() for k, v in e.state_dict().items()}
 
 
+def test_world_image_set_pixels_are_the_processors_tensors(world: Path) -> None:
+    from PIL import Image
+
+    from sphinx_mllm.processing.image import normalize
+
+    data = WorldImageSet.load(world, 448, "train", limit=3)
+    pixels = data.pixels(torch.tensor([2, 0]))  # [2, 3, 448, 448]
+    for row, k in enumerate((2, 0)):
+        assert torch.equal(pixels[row], normalize(Image.fromarray(data.squares[k].numpy())))
+
+
 def test_encoder_pretraining_is_deterministic_per_seed(world: Path, tokenizer_dir: Path) -> None:
     first = _pretrain(world, tokenizer_dir, seed=0)
     again = _pretrain(world, tokenizer_dir, seed=0)

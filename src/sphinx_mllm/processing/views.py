@@ -35,3 +35,23 @@ def make_views(x: torch.Tensor, view_size: int, grid: int) -> torch.Tensor:
     return torch.stack(views, dim=1)
 
 
+
+
+def pick_views(x: torch.Tensor, view_size: int, grid: int, which: torch.Tensor) -> torch.Tensor:
+    """View `which[i]` of item i, numbered as in `make_views`, computing only the views asked for (the same
+    values as `make_views(x, ...)[arange(B), which]`; each resize is per item).
+
+    x: [B, 3, S, S], which: [B] -> [B, 3, view_size, view_size]
+    """
+    out = x.new_empty(x.shape[0], x.shape[1], view_size, view_size)
+    for view in torch.unique(which).tolist():
+        rows = (which == view).nonzero().flatten()
+        if view == 0:
+            out[rows] = resize_square(x[rows], view_size)
+            continue
+        if not 1 <= view <= grid * grid:
+            raise ValueError(f"view {view} out of range for a {grid} x {grid} grid")
+        r0, c0 = (view - 1) // grid * view_size, (view - 1) % grid * view_size
+        big = resize_square(x[rows], grid * view_size)  # [n, 3, g*v, g*v]
+        out[rows] = big[..., r0 : r0 + view_size, c0 : c0 + view_size]
+    return out

@@ -32,7 +32,7 @@ from torch import nn
 
 from sphinx_mllm.config import CLIP_MEAN, CLIP_STD, EncoderSpec, SphinxConfig
 from sphinx_mllm.processing import ImagePreprocessor
-from sphinx_mllm.processing.views import make_views
+from sphinx_mllm.processing.views import make_views, pick_views
 from sphinx_mllm.utils import SphinxError, get_logger
 from sphinx_mllm.vision.encoders import VisionEncoder, build_encoder
 from sphinx_mllm.world.canvas import derive_seed
@@ -122,10 +122,10 @@ class WorldImageSet:
     def pixels(self, index: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised squares [B, 3, S, S] of the given items: the processor's tensors (the same
         operations as `processing.normalize`)."""
-        x = self.squares[index].to(torch.float32) / 255.0  # [B, S, S, 3]
+        x = self.squares[index].permute(0, 3, 1, 2).contiguous().to(torch.float32)  # [B, 3, S, S]
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return (x.permute(0, 3, 1, 2) - mean) / std
+        return x.div_(255.0).sub_(mean).div_(std)  # in place and contiguous: ~3x faster, the same values
 
 
 def view_targets(objects: Sequence[Sequence[DenseObject]], view_grid: int, grid: int, cover: bool = False
@@ -231,9 +231,8 @@ def _soft_loss(logits: torch.Tensor, soft: torch.Tensor, mask: torch.Tensor) -> 
 def _random_views(data: WorldImageSet, idx: torch.Tensor, spec: EncoderSpec, view_grid: int,
                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One random view (global or a sub-image) per item: pixels [B, 3, v, v] and the view numbers [B]."""
-    views = make_views(data.pixels(idx), spec.view_size, view_grid)  # [B, V, 3, v, v]
-    pick = torch.randint(0, views.shape[1], (len(idx),), generator=gen)
-    return views[torch.arange(len(idx)), pick], pick
+    pick = torch.randint(0, 1 + view_grid * view_grid, (len(idx),), generator=gen)
+    return pick_views(data.pixels(idx), spec.view_size, view_grid, pick), pick
 
 
 # ----------------------------------------------------------------------------- paradigm 1: dense semantics
