@@ -21,7 +21,14 @@ from sphinx_mllm.processing import SphinxProcessor, load_tokenizer
 from sphinx_mllm.utils.errors import SphinxError
 from sphinx_mllm.world import WorldConfig, generate_world, world_image
 from sphinx_mllm.world.dense import CATEGORIES, DenseObject, cell_targets, dense_objects, view_windows
-from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders, sample_split
+from sphinx_mllm.world.encoders import (
+    Budget,
+    EncoderPretraining,
+    WorldImageSet,
+    pretrain_encoders,
+    probe_encoders,
+    sample_split,
+)
 from sphinx_mllm.world.packing import pack_records
 from sphinx_mllm.world.recipe import (
     ARMS,
@@ -34,7 +41,7 @@ from sphinx_mllm.world.recipe import (
     plan_for_llm,
     plan_for_reading,
 )
-from sphinx_mllm.world.report import check_targets
+from sphinx_mllm.world.report import _encoder_checks, check_targets
 from sphinx_mllm.world.tokenizer import COORDINATE_TOKENS, train_world_tokenizer
 
 CONFIG = WorldConfig(seed=5, size="small", image_size=224)
@@ -199,16 +206,47 @@ def test_packed_world_mixture_loads(world: Path, tokenizer_dir: Path, tmp_path: 
 # ----------------------------------------------------------------------------- encoders
 
 
-def _pretrain(world: Path, tokenizer_dir: Path, seed: int) -> dict[str, torch.Tensor]:
+def _pretrain(world: Path, tokenizer_dir: Path, seed: int, probe: bool = False) -> dict[str, torch.Tensor]:
     config = SphinxConfig.from_preset("world-tiny")
     data = WorldImageSet.load(world, config.image_size, "train", limit=6)
     tok = load_tokenizer(tokenizer_dir)
+
+    def tokenize(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     budgets = {"convnext": Budget(2, 3, 1e-3), "dinov2": Budget(2, 3, 1e-3), "clip": Budget(2, 4, 1e-3)}
-    pre = pretrain_encoders(config, data, lambda t: tok(t, add_special_tokens=False)["input_ids"], len(tok),
-                            EncoderPretraining(budgets, seed=seed))
+    pre = pretrain_encoders(config, data, tokenize, len(tok), EncoderPretraining(budgets, seed=seed))
     assert set(pre.encoders) == {"clip", "convnext", "dinov2"}
     assert all(len(v) == 2 and all(x == x for x in v) for v in pre.losses.values())
+    if probe:  # the held-out check the recipe records for its report
+        held = probe_encoders(pre, config, WorldImageSet.load(world, config.image_size, "eval", limit=8), tokenize)
+        assert {"thing_category", "thing_category_shapes", "thing_colour"} <= set(held["convnext"])
+        keys = list(held["convnext"])
+        per_class = [k for k in keys if k.startswith("thing_category/")]
+        assert per_class and keys[-len(per_class):] == per_class  # last, in the categories' order
+        order = [CATEGORIES.index(k.split("/")[1]) for k in per_class]
+        assert order == sorted(order)
+        assert "thing_box_iou50_global" in held["dinov2"] and "retrieval_top1" in held["clip"]
+        assert all(0.0 <= v <= 1.0 for rates in held.values() for v in rates.values())
+        assert _encoder_checks(held)[2].startswith("| encoder |")
     return {f"{n}.{k}": v.clone() for n, e in pre.encoders.items() for k, v in e.state_dict().items()}
+
+
+def test_category_recalls_count_each_class_and_the_shapes_apart() -> None:
+    from sphinx_mllm.world.encoders import _category_recalls
+
+    circle, star, person = (CATEGORIES.index(k) + 1 for k in ("circle", "star", "person"))
+    target = torch.tensor([[circle, circle, star, person, person, 0]])
+    pred = torch.tensor([[circle, person, person, person, person, 5]])
+    rates: dict[str, list[float]] = {}
+
+    def add(key: str, hits: torch.Tensor) -> None:
+        rates.setdefault(key, []).extend(hits.float().tolist())
+
+    _category_recalls(pred, target, add)
+    mean = {k: sum(v) / len(v) for k, v in rates.items()}
+    assert mean == {"thing_category_shapes": pytest.approx(1 / 3), "thing_category/circle": 0.5,
+                    "thing_category/star": 0.0, "thing_category/person": 1.0}
 
 
 def test_world_image_set_pixels_are_the_processors_tensors(world: Path) -> None:
@@ -223,7 +261,7 @@ def test_world_image_set_pixels_are_the_processors_tensors(world: Path) -> None:
 
 
 def test_encoder_pretraining_is_deterministic_per_seed(world: Path, tokenizer_dir: Path) -> None:
-    first = _pretrain(world, tokenizer_dir, seed=0)
+    first = _pretrain(world, tokenizer_dir, seed=0, probe=True)
     again = _pretrain(world, tokenizer_dir, seed=0)
     other = _pretrain(world, tokenizer_dir, seed=1)
     assert first.keys() == again.keys()

@@ -50,7 +50,7 @@ from sphinx_mllm.world.dense import (
 from sphinx_mllm.world.generate import WorldConfig, load_manifest
 from sphinx_mllm.world.language import synthetic_caption
 from sphinx_mllm.world.scene import KINDS, WorldImage, sample_image
-from sphinx_mllm.world.vocab import COLOURS, POSES
+from sphinx_mllm.world.vocab import COLOURS, POSES, SHAPES
 
 log = get_logger(__name__)
 
@@ -544,8 +544,24 @@ def probe_encoders(pre: PretrainedEncoders, config: SphinxConfig, data: WorldIma
                 tokens = tokens[:, 1:] if spec.has_cls else tokens  # [B * V, g*g, C]
                 tgt = {k: t[idx].flatten(0, 1) for k, t in targets.items()}
                 _probe_batch(heads, tokens, tgt, config.num_views, tally.add)
-        out[name] = tally.rates()
+        rates = tally.rates()  # per-category recalls last, in `CATEGORIES` order
+        out[name] = dict(sorted(rates.items(), key=lambda kv: (
+            "/" in kv[0], CATEGORIES.index(kv[0].split("/", 1)[1]) if "/" in kv[0] else 0)))
     return out
+
+
+_SHAPE_CLASSES = torch.tensor([CATEGORIES.index(k) + 1 for k in SHAPES])
+
+
+def _category_recalls(pred: torch.Tensor, target: torch.Tensor, add: Callable[[str, torch.Tensor], None]) -> None:
+    """Per-category recall of the thing slot, and over the shapes alone: the mean `thing_category` hides a head
+    that answers the most frequent category (person) everywhere, and VQA questions name shapes."""
+    shapes = torch.isin(target, _SHAPE_CLASSES)
+    if bool(shapes.any()):
+        add("thing_category_shapes", pred[shapes] == target[shapes])
+    for c in target[target > 0].unique().tolist():
+        cells = target == c
+        add(f"thing_category/{CATEGORIES[c - 1]}", pred[cells] == c)
 
 
 def _probe_batch(heads: nn.Module, tokens: torch.Tensor, tgt: dict[str, torch.Tensor], views: int,
@@ -560,6 +576,8 @@ def _probe_batch(heads: nn.Module, tokens: torch.Tensor, tgt: dict[str, torch.Te
                 if bool(mask.any()):
                     pred = heads.heads[f"{slot}_{name}"](tokens).argmax(-1)
                     add(f"{slot}_{name}", pred[mask] == target[mask].long())
+                    if slot == "thing" and name == "category":
+                        _category_recalls(pred, target.long(), add)
     elif isinstance(heads, GeometryHeads):
         b, t, _ = tokens.shape
         boxes = heads.box(tokens).view(b, t, len(SLOTS), 4, BINS).argmax(-1).float() / (BINS - 1)

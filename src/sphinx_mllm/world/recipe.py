@@ -53,7 +53,7 @@ from sphinx_mllm.processing.image import PAD_FILL
 from sphinx_mllm.tasks import TASKS
 from sphinx_mllm.utils import SphinxError, atomic_write_jsonl, atomic_write_text, get_logger
 from sphinx_mllm.world.canvas import derive_seed
-from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders
+from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders, probe_encoders
 from sphinx_mllm.world.generate import WorldConfig, ensure_world
 from sphinx_mllm.world.measure import held_out_loss, load_for_loss
 from sphinx_mllm.world.packing import keep_share, pack_mixture_files, read_records
@@ -392,8 +392,11 @@ class WorldRecipe:
                               f"({config.text_config.vocab_size})")
         data = WorldImageSet.load(self.world, config.image_size, "train", self.plan.encoder_images)
         settings = replace(self.plan.encoders, seed=self.o.seed)
-        pre = pretrain_encoders(config, data, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
-                                len(tokenizer), settings)
+        def tokenize(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        pre = pretrain_encoders(config, data, tokenize, len(tokenizer), settings)
+        held_out = probe_encoders(pre, config, WorldImageSet.load(self.world, config.image_size, "eval"), tokenize)
         torch.manual_seed(self.o.seed)
         model = SphinxForConditionalGeneration(config)
         assert model.vision is not None
@@ -407,10 +410,10 @@ class WorldRecipe:
         init = self.out / "init"
         model.save_pretrained(init)
         SphinxProcessor.from_config(config, tokenizer).save_pretrained(init)
-        curves = {"losses": pre.losses, "seconds": pre.seconds}
+        curves = {"losses": pre.losses, "seconds": pre.seconds, "held_out": held_out}
         atomic_write_text(self.out / "encoders.json", json.dumps(curves) + "\n")
         return {"seconds": pre.seconds, "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in pre.losses.items()},
-                "images": len(data)}
+                "images": len(data), "held_out": held_out}
 
     # ------------------------------------------------------------------------- data of the two arms
     def make_data(self) -> dict[str, Any]:

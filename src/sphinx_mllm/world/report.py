@@ -197,6 +197,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _encoder_checks(held_out: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The held-out probe of each encoder through its own heads (`encoders.probe_encoders`), per-category recalls
+    apart: on the cell of each object's centre, in every view."""
+    if not held_out:
+        return []
+    rows = []
+    for name, rates in held_out.items():
+        main = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in rates.items() if "/" not in k)
+        per = ", ".join(f"{k.split('/', 1)[1]} {_fmt(v, 2)}" for k, v in rates.items() if "/" in k)
+        rows.append([name, main, per or "-"])
+    return ["Held-out check through each encoder's own heads (held-out images, the cell of each object's centre, "
+            "every view):", "", *_table(["encoder", "accuracies", "thing category recall by class"], rows), ""]
+
+
 def _result(steps: Mapping[str, Any], name: str) -> Any:
     return (steps.get(name) or {}).get("result")
 
@@ -274,6 +288,7 @@ def _markdown(summary: Mapping[str, Any], figures: Mapping[str, bool], plan: Any
                   "clip: contrastive image-text (CLIP); convnext: dense supervised semantics; dinov2: masked dense "
                   "geometry. Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in (enc.get("seconds") or {}).items()),
                   "", "![encoders](plots/encoders.png)", ""]
+        lines += _encoder_checks(enc.get("held_out") or {})
     if summary.get("examples"):
         lines += ["## Examples (held-out images, predictions drawn)", "", "![examples](plots/examples.png)", ""]
         lines += _table(["task", "prompt", "answer"],
