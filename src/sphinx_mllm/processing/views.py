@@ -35,8 +35,6 @@ def make_views(x: torch.Tensor, view_size: int, grid: int) -> torch.Tensor:
     return torch.stack(views, dim=1)
 
 
-
-
 def pick_views(x: torch.Tensor, view_size: int, grid: int, which: torch.Tensor) -> torch.Tensor:
     """View `which[i]` of item i, numbered as in `make_views`, computing only the views asked for (the same
     values as `make_views(x, ...)[arange(B), which]`; each resize is per item).

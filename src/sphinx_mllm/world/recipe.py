@@ -392,6 +392,7 @@ class WorldRecipe:
                               f"({config.text_config.vocab_size})")
         data = WorldImageSet.load(self.world, config.image_size, "train", self.plan.encoder_images)
         settings = replace(self.plan.encoders, seed=self.o.seed)
+
         def tokenize(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
