@@ -110,16 +110,21 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_FILL) -> Im
     return canvas
 
 
-def normalize(img: Image.Image) -> torch.Tensor:
-    """RGB image -> [3, H, W] float32, CLIP-normalised (contiguous).
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [..., H, W, 3] -> float32 [..., 3, H, W], CLIP-normalised (contiguous).
 
     Channels are moved first on the uint8 pixels, then the float ops run in place on contiguous memory: the
-    same operations in the same order as `(x / 255 - mean) / std` (bit-identical), ~6x faster than on the
-    strided [H, W, 3] view."""
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, H, W] uint8
+    same operations in the same order as `(x / 255 - mean) / std` (bit-identical), ~3-6x faster than on the
+    strided [..., H, W, 3] view."""
+    x = pixels.movedim(-1, -3).contiguous().to(torch.float32)  # [..., 3, H, W]
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return arr.float().div_(255.0).sub_(mean).div_(std)
+    return x.div_(255.0).sub_(mean).div_(std)
+
+
+def normalize(img: Image.Image) -> torch.Tensor:
+    """RGB image -> [3, H, W] float32, CLIP-normalised (contiguous; `normalize_pixels`)."""
+    return normalize_pixels(torch.from_numpy(np.array(img, dtype=np.uint8)))
 
 
 @dataclass(frozen=True)

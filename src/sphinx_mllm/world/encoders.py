@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sphinx_mllm.config import CLIP_MEAN, CLIP_STD, EncoderSpec, SphinxConfig
+from sphinx_mllm.config import EncoderSpec, SphinxConfig
 from sphinx_mllm.processing import ImagePreprocessor
+from sphinx_mllm.processing.image import normalize_pixels
 from sphinx_mllm.processing.views import make_views, pick_views
 from sphinx_mllm.utils import SphinxError, get_logger
 from sphinx_mllm.vision.encoders import VisionEncoder, build_encoder
@@ -120,12 +121,8 @@ class WorldImageSet:
         return cls(squares, [dense_objects(im) for im in images], [synthetic_caption(im) for im in images])
 
     def pixels(self, index: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised squares [B, 3, S, S] of the given items: the processor's tensors (the same
-        operations as `processing.normalize`)."""
-        x = self.squares[index].permute(0, 3, 1, 2).contiguous().to(torch.float32)  # [B, 3, S, S]
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return x.div_(255.0).sub_(mean).div_(std)  # in place and contiguous: ~3x faster, the same values
+        """CLIP-normalised squares [B, 3, S, S] of the given items: the processor's tensors."""
+        return normalize_pixels(self.squares[index])
 
 
 def view_targets(objects: Sequence[Sequence[DenseObject]], view_grid: int, grid: int, cover: bool = False
