@@ -22,8 +22,10 @@ from sphinx_mllm.utils.errors import SphinxError
 from sphinx_mllm.world import WorldConfig, generate_world, world_image
 from sphinx_mllm.world.dense import CATEGORIES, DenseObject, cell_targets, dense_objects, view_windows
 from sphinx_mllm.world.encoders import (
+    WINDOW_CATEGORIES,
     Budget,
     EncoderPretraining,
+    ObjectWindows,
     WorldImageSet,
     pretrain_encoders,
     probe_encoders,
@@ -214,10 +216,12 @@ def _pretrain(world: Path, tokenizer_dir: Path, seed: int, probe: bool = False) 
     def tokenize(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    budgets = {"convnext": Budget(2, 3, 1e-3), "dinov2": Budget(2, 3, 1e-3), "clip": Budget(2, 4, 1e-3)}
+    # four semantic steps: three on object windows, one on whole views
+    budgets = {"convnext": Budget(4, 3, 1e-3), "dinov2": Budget(2, 3, 1e-3), "clip": Budget(2, 4, 1e-3)}
     pre = pretrain_encoders(config, data, tokenize, len(tok), EncoderPretraining(budgets, seed=seed))
     assert set(pre.encoders) == {"clip", "convnext", "dinov2"}
-    assert all(len(v) == 2 and all(x == x for x in v) for v in pre.losses.values())
+    assert {k: len(v) for k, v in pre.losses.items()} == {"convnext": 4, "dinov2": 2, "clip": 2}
+    assert all(x == x for v in pre.losses.values() for x in v)
     if probe:  # the held-out check the recipe records for its report
         held = probe_encoders(pre, config, WorldImageSet.load(world, config.image_size, "eval", limit=8), tokenize)
         assert {"thing_category", "thing_category_shapes", "thing_colour"} <= set(held["convnext"])
@@ -258,6 +262,37 @@ def test_world_image_set_pixels_are_the_processors_tensors(world: Path) -> None:
     pixels = data.pixels(torch.tensor([2, 0]))  # [2, 3, 448, 448]
     for row, k in enumerate((2, 0)):
         assert torch.equal(pixels[row], normalize(Image.fromarray(data.squares[k].numpy())))
+
+
+def test_object_windows_centre_each_shape_and_person_on_the_views_cells(world: Path) -> None:
+    from sphinx_mllm.processing.image import PAD_FILL, normalize_pixels
+
+    data = WorldImageSet.load(world, 448, "train", limit=12)
+    windows = ObjectWindows.build(data, view_size=224, view_grid=2, grid=7)  # cells of 32 px, windows of 96
+    wanted = sum(o.slot == "thing" and o.category in WINDOW_CATEGORIES for objs in data.objects for o in objs)
+    assert 0 < len(windows) <= wanted and len(windows) >= wanted - 2  # a few centres on a border may drop
+    assert (windows.corners % 32 == 0).all()  # on the sub-views' cell grid
+    category = windows.targets["thing/category"][:, 0, 0].long()
+    assert (windows.targets["thing/present"][:, 0, 0] == 1).all()
+    for n in range(len(windows)):
+        x0, y0 = windows.corners[n].tolist()
+        here = [o for o in data.objects[int(windows.items[n])] if o.slot == "thing" and o.category + 1 == category[n]
+                and x0 + 32 <= o.center[0] * 448 < x0 + 64 and y0 + 32 <= o.center[1] * 448 < y0 + 64]
+        assert here, f"window {n}: no object of its category centred in the middle cell"
+    pixels = windows.pixels(data, torch.arange(len(windows)))  # [N, 3, 96, 96]
+    assert pixels.shape == (len(windows), 3, 96, 96)
+    inside = next(n for n in range(len(windows)) if min(windows.corners[n]) >= 0 and max(windows.corners[n]) <= 352)
+    x0, y0 = windows.corners[inside].tolist()
+    crop = data.squares[int(windows.items[inside]), y0:y0 + 96, x0:x0 + 96]
+    assert torch.equal(pixels[inside], normalize_pixels(crop.clone()))
+    edge = [n for n in range(len(windows)) if min(windows.corners[n]) < 0]
+    assert edge  # objects near the border: the window's corner lies outside the square, in the pad colour
+    fill = normalize_pixels(torch.tensor(PAD_FILL, dtype=torch.uint8).view(1, 1, 3))[:, 0, 0]
+    assert all(torch.equal(pixels[n, :, 0, 0], fill) for n in edge)
+    with pytest.raises(SphinxError, match="odd number of cells"):
+        ObjectWindows.build(data, view_size=224, view_grid=2, grid=7, cells=2)
+    with pytest.raises(SphinxError, match="the views cut 224"):
+        ObjectWindows.build(data, view_size=112, view_grid=2, grid=7)
 
 
 def test_encoder_pretraining_is_deterministic_per_seed(world: Path, tokenizer_dir: Path) -> None:

@@ -3,8 +3,9 @@ they are frozen (SPHINX's mixing of visual embeddings: different architectures, 
 
 - `convnext` (ConvNeXt, 224 px views): dense *supervised semantics*. Every cell of its 7 x 7 map learns
   what object sits there: category, colour, size, pose and which word is written, for two slots (things,
-  words), on every cell an object's box covers (`dense.cell_targets(cover=True)`), with the fields weighted
-  (`FIELD_WEIGHTS`). `crop_cells` can train on aligned crops of whole cells instead of whole views.
+  words), with the fields weighted (`FIELD_WEIGHTS`), on the cell that holds the object's centre. Most steps
+  train only the category, on the middle token of small windows, each centred on one shape or person at the
+  offset the views give it (`ObjectWindows`); every few steps train every field on every cell of whole views.
 - `dinov2` (a DINOv2 ViT, 112 px views): *masked dense geometry*. With 15% of its patches masked, every
   cell learns where its object is: box corners and the 17 keypoints of a person, each as a distribution
   over the hundredths "0.00".."1.00" the LLM writes (so a coordinate is linearly readable from a token).
@@ -32,7 +33,7 @@ from torch import nn
 
 from sphinx_mllm.config import EncoderSpec, SphinxConfig
 from sphinx_mllm.processing import ImagePreprocessor
-from sphinx_mllm.processing.image import normalize_pixels
+from sphinx_mllm.processing.image import PAD_FILL, normalize_pixels
 from sphinx_mllm.processing.views import make_views, pick_views
 from sphinx_mllm.utils import SphinxError, get_logger
 from sphinx_mllm.vision.encoders import VisionEncoder, build_encoder
@@ -243,52 +244,107 @@ class SemanticHeads(nn.Module):
         self.heads = nn.ModuleDict({f"{slot}_{name}": nn.Linear(width, n) for slot in SLOTS
                                     for name, n in {"present": 1, **CLASS_FIELDS}.items()})
 
-    def loss(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        """tokens [B, T, C]; targets `{f"{slot}/{field}": [B, T, n]}` -> summed mean losses."""
+    def loss(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor], fields: Sequence[str] = tuple(CLASS_FIELDS)
+             ) -> torch.Tensor:
+        """tokens [B, T, C]; targets `{f"{slot}/{field}": [B, T, n]}` -> summed mean losses of presence and
+        `fields`."""
         total = tokens.new_zeros((), dtype=torch.float32)
         for slot in SLOTS:
             present = targets[f"{slot}/present"][..., 0]  # [B, T]
             logit = self.heads[f"{slot}_present"](tokens)[..., 0].float()
             total = total + F.binary_cross_entropy_with_logits(logit, present)
-            for name in CLASS_FIELDS:
+            for name in fields:
                 target = targets[f"{slot}/{name}"][..., 0]
                 total = total + FIELD_WEIGHTS[name] * _class_loss(self.heads[f"{slot}_{name}"](tokens), target,
                                                                   target > 0)
         return total
 
 
-def _crop_cells(views: torch.Tensor, targets: dict[str, torch.Tensor], grid: int, cells: int,
-                gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A `cells` x `cells` window of whole cells per item: pixels [B, 3, c, c] and the window's targets."""
-    b, _, v, _ = views.shape
-    px = v // grid
-    crops, keep = [], []
-    for i in range(b):
-        oy, ox = (int(t) for t in torch.randint(0, grid - cells + 1, (2,), generator=gen))
-        crops.append(views[i, :, oy * px : (oy + cells) * px, ox * px : (ox + cells) * px])
-        rows = torch.arange(oy, oy + cells).unsqueeze(1) * grid + torch.arange(ox, ox + cells)
-        keep.append(rows.flatten())
-    index = torch.stack(keep)  # [B, cells * cells]
-    out = {k: torch.stack([t[i, index[i]] for i in range(b)]) for k, t in targets.items()}
-    return torch.stack(crops), out
+WINDOW_CATEGORIES: tuple[int, ...] = tuple(CATEGORIES.index(k) for k in (*SHAPES, "person"))
+"""The categories that object windows centre on: the shapes and people the VQA and REC questions name."""
+
+
+@dataclass
+class ObjectWindows:
+    """`cells` x `cells`-cell windows of the full-resolution square, each centred (to the cell) on one shape or
+    person: the item, the window's top-left pixel and the targets of its middle cell."""
+
+    items: torch.Tensor  # [N] indices into the WorldImageSet
+    corners: torch.Tensor  # [N, 2] (x, y) pixel of the window's top-left in the square (may be < 0)
+    targets: dict[str, torch.Tensor]  # {f"{slot}/{field}": [N, 1, n]} of the middle cell (centre labels)
+    cells: int
+    cell_px: int
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+    @classmethod
+    def build(cls, data: WorldImageSet, view_size: int, view_grid: int, grid: int, cells: int = 3) -> ObjectWindows:
+        """One window per shape or person of `data`, aligned to the sub-views' cell grid (cells of
+        `view_size / grid` pixels of the `view_size * view_grid` square): the encoder meets each object at the
+        sub-cell offset the model's views give it."""
+        if cells % 2 != 1 or not 1 <= cells <= grid:
+            raise SphinxError(f"object windows need an odd number of cells in 1..{grid}, got {cells}")
+        side = view_size * view_grid
+        if data.squares.shape[1] != side:
+            raise SphinxError(f"object windows: the images are {data.squares.shape[1]} px, the views cut {side}")
+        cell_px, half, middle = view_size // grid, cells // 2, (cells // 2) * cells + cells // 2
+        items, corners, rows = [], [], []
+        for i, objs in enumerate(data.objects):
+            for obj in objs:
+                if obj.slot != "thing" or obj.category not in WINDOW_CATEGORIES:
+                    continue
+                col = min(int(obj.center[0] * side) // cell_px, side // cell_px - 1)
+                row = min(int(obj.center[1] * side) // cell_px, side // cell_px - 1)
+                x0, y0 = (col - half) * cell_px, (row - half) * cell_px
+                tgt = cell_targets(objs, (x0 / side, y0 / side, cells * cell_px / side), cells)
+                if tgt["thing/present"][middle, 0] == 0:  # a centre on a cell border, rounded the other way
+                    continue
+                items.append(i)
+                corners.append((x0, y0))
+                rows.append({k: v[middle : middle + 1] for k, v in tgt.items()})
+        if not items:
+            raise SphinxError("object windows: the images hold no shape or person")
+        targets = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+        return cls(torch.tensor(items), torch.tensor(corners), targets, cells, cell_px)
+
+    def pixels(self, data: WorldImageSet, index: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised windows [B, 3, w, w]; what lies outside the square is the processor's pad colour."""
+        side, w = data.squares.shape[1], self.cells * self.cell_px
+        out = torch.tensor(PAD_FILL, dtype=torch.uint8).expand(len(index), w, w, 3).clone()
+        for k, n in enumerate(index.tolist()):
+            x0, y0 = (int(v) for v in self.corners[n])
+            xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, side), min(y0 + w, side)
+            out[k, ya - y0 : yb - y0, xa - x0 : xb - x0] = data.squares[int(self.items[n]), ya:yb, xa:xb]
+        return normalize_pixels(out)
 
 
 def pretrain_semantic(encoder: VisionEncoder, data: WorldImageSet, targets: dict[str, torch.Tensor], view_grid: int,
-                      budget: Budget, seed: int, bf16: bool = True, crop_cells: int = 7
-                      ) -> tuple[list[float], SemanticHeads]:
-    """Dense supervised semantics on aligned crops of random views (see the module docstring)."""
+                      budget: Budget, seed: int, bf16: bool = True, view_every: int = 4, window_cells: int = 3,
+                      window_fields: Sequence[str] = ("category",)) -> tuple[list[float], SemanticHeads]:
+    """Dense supervised semantics (see the module docstring), in two kinds of steps: most steps train the middle
+    token of `2 * batch_size` object windows (`ObjectWindows`), every `view_every`-th step trains every cell of
+    `batch_size` whole random views on `targets`. A stride-32 net learns "which shape" on whole views only very
+    slowly, since each object sits at a different sub-cell offset and most cells are empty or a person; the
+    windows give it one object per example, and the view steps carry that to the views the model cuts
+    (docs/world_report.md, sixth round). `view_every=1` trains on whole views alone."""
     spec = encoder.spec
     if spec.grid is None or spec.input_size != spec.view_size:
         raise SphinxError(f"encoder {spec.name!r}: semantic pre-training needs a spatial map at its view size")
+    if view_every < 1:
+        raise SphinxError(f"view_every must be >= 1, got {view_every}")
     heads = SemanticHeads(spec.width)
     gen = torch.Generator().manual_seed(derive_seed(seed, spec.name) % (1 << 63))
-    cells = min(crop_cells, spec.grid)
+    windows = ObjectWindows.build(data, spec.view_size, view_grid, spec.grid, window_cells) if view_every > 1 else None
+    middle = (window_cells // 2) * window_cells + window_cells // 2
 
     def loss_fn(step: int, idx: torch.Tensor) -> torch.Tensor:
-        views, which = _random_views(data, idx, spec, view_grid, gen)
-        tgt = {k: t[idx, which] for k, t in targets.items()}  # [B, g*g, n]
-        crops, tgt = _crop_cells(views, tgt, spec.grid, cells, gen)
-        return heads.loss(encoder.encode(crops), tgt)
+        if windows is None or step % view_every == view_every - 1:
+            views, which = _random_views(data, idx, spec, view_grid, gen)
+            return heads.loss(encoder.encode(views), {k: t[idx, which] for k, t in targets.items()})
+        pick = torch.randint(0, len(windows), (2 * len(idx),), generator=gen)
+        tokens = encoder.encode(windows.pixels(data, pick))[:, middle : middle + 1]  # [2B, 1, C]
+        return heads.loss(tokens, {k: t[pick] for k, t in windows.targets.items()}, window_fields)
 
     params = [*encoder.parameters(), *heads.parameters()]
     return _optimise(params, budget, loss_fn, len(data), seed, bf16, f"{spec.name} (semantics)"), heads
@@ -459,9 +515,10 @@ def pretrain_encoders(config: SphinxConfig, data: WorldImageSet, tokenize: Calla
     missing = sorted({s.name for s in specs} - set(settings.budgets))
     if missing:
         raise SphinxError(f"no pre-training budget for encoder(s) {missing}")
-    # Cover labels for both dense paradigms: geometry reads presence, boxes, keypoints and the category of
-    # object-centre cells only, where cover and centre labels agree (tests/test_world_recipe_parts.py).
-    targets = view_targets(data.objects, config.view_grid, shared_grid(specs), cover=True)
+    # Centre labels for both dense paradigms. Geometry reads only object-centre cells, where cover and centre
+    # labels agree (tests/test_world_recipe_parts.py). Semantics learned fewer shapes on cover labels (a stick
+    # figure's box puts `person` on many cells; docs/world_report.md, seventh round).
+    targets = view_targets(data.objects, config.view_grid, shared_grid(specs))
     caption_ids = [tokenize(c) for c in data.captions]
     out = PretrainedEncoders({}, {}, {}, {})
     for spec in specs:
