@@ -129,7 +129,9 @@ def test_export_ships_the_fine_tuned_model_and_its_card_checks_out(
     assert cli_main(["world", "export", "--run", str(quick_run), "--out", str(ship)]) == 0
     card = read_card(ship)
     assert card["source"]["plan"] == "quick" and set(card["metrics"]) == {"vqa", "rec"}
-    assert card["metrics"]["vqa"] == card["recipe_metrics"]["sighted"]["vqa"]  # the bf16 round trip kept it
+    # the bf16 round trip may flip an answer or two (the card keeps both numbers for that)
+    flips = abs(card["metrics"]["vqa"]["accuracy"] - card["recipe_metrics"]["sighted"]["vqa"]["accuracy"])
+    assert flips * card["eval"]["vqa"]["items"] <= 2 + 1e-6
     assert card["bytes"] == sum(p.stat().st_size for p in ship.rglob("*") if p.is_file() and p.name != "shipped.json")
     assert card["bytes"] < MAX_BYTES
     header = json.loads((ship / "model.safetensors").read_bytes()[8:][: int.from_bytes(

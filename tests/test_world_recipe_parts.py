@@ -266,6 +266,7 @@ def test_world_image_set_pixels_are_the_processors_tensors(world: Path) -> None:
 
 def test_object_windows_centre_each_shape_and_person_on_the_views_cells(world: Path) -> None:
     from sphinx_mllm.processing.image import PAD_FILL, normalize_pixels
+    from sphinx_mllm.processing.views import resize_square
 
     data = WorldImageSet.load(world, 448, "train", limit=12)
     windows = ObjectWindows.build(data, view_size=224, view_grid=2, grid=7)  # cells of 32 px, windows of 96
@@ -285,14 +286,17 @@ def test_object_windows_centre_each_shape_and_person_on_the_views_cells(world: P
     x0, y0 = windows.corners[inside].tolist()
     crop = data.squares[int(windows.items[inside]), y0:y0 + 96, x0:x0 + 96]
     assert torch.equal(pixels[inside], normalize_pixels(crop.clone()))
+    small = WorldImageSet.load(world, 224, "train", limit=12)  # smaller squares: resized as the views resize them
+    item = windows.items[inside : inside + 1]
+    expected = resize_square(small.pixels(item), 448)[0, :, y0:y0 + 96, x0:x0 + 96]
+    assert torch.equal(windows.pixels(small, torch.tensor([inside]))[0], expected)
     edge = [n for n in range(len(windows)) if min(windows.corners[n]) < 0]
     assert edge  # objects near the border: the window's corner lies outside the square, in the pad colour
     fill = normalize_pixels(torch.tensor(PAD_FILL, dtype=torch.uint8).view(1, 1, 3))[:, 0, 0]
     assert all(torch.equal(pixels[n, :, 0, 0], fill) for n in edge)
+    assert all(torch.equal(windows.pixels(small, torch.tensor([n]))[0, :, 0, 0], fill) for n in edge)
     with pytest.raises(SphinxError, match="odd number of cells"):
         ObjectWindows.build(data, view_size=224, view_grid=2, grid=7, cells=2)
-    with pytest.raises(SphinxError, match="the views cut 224"):
-        ObjectWindows.build(data, view_size=112, view_grid=2, grid=7)
 
 
 def test_encoder_pretraining_is_deterministic_per_seed(world: Path, tokenizer_dir: Path) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 from sphinx_mllm.config import EncoderSpec, SphinxConfig
 from sphinx_mllm.processing import ImagePreprocessor
 from sphinx_mllm.processing.image import PAD_FILL, normalize_pixels
-from sphinx_mllm.processing.views import make_views, pick_views
+from sphinx_mllm.processing.views import make_views, pick_views, resize_square
 from sphinx_mllm.utils import SphinxError, get_logger
 from sphinx_mllm.vision.encoders import VisionEncoder, build_encoder
 from sphinx_mllm.world.canvas import derive_seed
@@ -270,10 +270,11 @@ class ObjectWindows:
     person: the item, the window's top-left pixel and the targets of its middle cell."""
 
     items: torch.Tensor  # [N] indices into the WorldImageSet
-    corners: torch.Tensor  # [N, 2] (x, y) pixel of the window's top-left in the square (may be < 0)
+    corners: torch.Tensor  # [N, 2] (x, y) pixel of the window's top-left in the views' square (may be < 0)
     targets: dict[str, torch.Tensor]  # {f"{slot}/{field}": [N, 1, n]} of the middle cell (centre labels)
     cells: int
     cell_px: int
+    side: int  # the square the sub-views are cut from: view_size * view_grid
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -286,8 +287,6 @@ class ObjectWindows:
         if cells % 2 != 1 or not 1 <= cells <= grid:
             raise SphinxError(f"object windows need an odd number of cells in 1..{grid}, got {cells}")
         side = view_size * view_grid
-        if data.squares.shape[1] != side:
-            raise SphinxError(f"object windows: the images are {data.squares.shape[1]} px, the views cut {side}")
         cell_px, half, middle = view_size // grid, cells // 2, (cells // 2) * cells + cells // 2
         items, corners, rows = [], [], []
         for i, objs in enumerate(data.objects):
@@ -306,28 +305,39 @@ class ObjectWindows:
         if not items:
             raise SphinxError("object windows: the images hold no shape or person")
         targets = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
-        return cls(torch.tensor(items), torch.tensor(corners), targets, cells, cell_px)
+        return cls(torch.tensor(items), torch.tensor(corners), targets, cells, cell_px, side)
 
     def pixels(self, data: WorldImageSet, index: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised windows [B, 3, w, w]; what lies outside the square is the processor's pad colour."""
-        side, w = data.squares.shape[1], self.cells * self.cell_px
-        out = torch.tensor(PAD_FILL, dtype=torch.uint8).expand(len(index), w, w, 3).clone()
+        """CLIP-normalised windows [B, 3, w, w] of the square the sub-views are cut from; what lies outside it is
+        the processor's pad colour. Images of another size are resized first, as the views resize them."""
+        pad = torch.tensor(PAD_FILL, dtype=torch.uint8).view(1, 1, 3)
+        if data.squares.shape[1] == self.side:  # crop uint8, then normalise only the windows
+            return normalize_pixels(self._crop(data.squares[self.items[index]], index, pad[0, 0]))
+        squares = resize_square(data.pixels(self.items[index]), self.side).permute(0, 2, 3, 1)  # [B, S, S, 3]
+        return self._crop(squares, index, normalize_pixels(pad)[:, 0, 0]).permute(0, 3, 1, 2).contiguous()
+
+    def _crop(self, squares: torch.Tensor, index: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        """Windows `index` of their squares [B, S, S, 3] -> [B, w, w, 3], `fill` [3] outside the squares."""
+        w = self.cells * self.cell_px
+        out = fill.expand(len(index), w, w, 3).clone()
         for k, n in enumerate(index.tolist()):
             x0, y0 = (int(v) for v in self.corners[n])
-            xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, side), min(y0 + w, side)
-            out[k, ya - y0 : yb - y0, xa - x0 : xb - x0] = data.squares[int(self.items[n]), ya:yb, xa:xb]
-        return normalize_pixels(out)
+            xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, self.side), min(y0 + w, self.side)
+            out[k, ya - y0 : yb - y0, xa - x0 : xb - x0] = squares[k, ya:yb, xa:xb]
+        return out
 
 
 def pretrain_semantic(encoder: VisionEncoder, data: WorldImageSet, targets: dict[str, torch.Tensor], view_grid: int,
                       budget: Budget, seed: int, bf16: bool = True, view_every: int = 4, window_cells: int = 3,
                       window_fields: Sequence[str] = ("category",)) -> tuple[list[float], SemanticHeads]:
-    """Dense supervised semantics (see the module docstring), in two kinds of steps: most steps train the middle
-    token of `2 * batch_size` object windows (`ObjectWindows`), every `view_every`-th step trains every cell of
-    `batch_size` whole random views on `targets`. A stride-32 net learns "which shape" on whole views only very
-    slowly, since each object sits at a different sub-cell offset and most cells are empty or a person; the
-    windows give it one object per example, and the view steps carry that to the views the model cuts
-    (docs/world_report.md, sixth round). `view_every=1` trains on whole views alone."""
+    """Dense supervised semantics (see the module docstring), in two kinds of steps: most steps train presence and
+    `window_fields` on the middle token of `2 * batch_size` object windows (`ObjectWindows`), every
+    `view_every`-th step trains every field on every cell of `batch_size` whole random views (`targets`). A
+    stride-32 net learns "which shape" on whole views only very slowly, since each object sits at a different
+    sub-cell offset and most cells are empty or a person; the windows give it one object per example, and the
+    view steps carry that to the views the model cuts (docs/world_report.md, sixth round). Every field trained
+    beside the category costs shape recall, hence the category alone on windows (seventh round). `view_every=1`
+    trains on whole views alone."""
     spec = encoder.spec
     if spec.grid is None or spec.input_size != spec.view_size:
         raise SphinxError(f"encoder {spec.name!r}: semantic pre-training needs a spatial map at its view size")
