@@ -279,6 +279,11 @@ class ObjectWindows:
     def __len__(self) -> int:
         return int(self.items.shape[0])
 
+    @property
+    def middle(self) -> int:
+        """Raster index of the middle cell among a window's `cells * cells` tokens."""
+        return (self.cells // 2) * (self.cells + 1)
+
     @classmethod
     def build(cls, data: WorldImageSet, view_size: int, view_grid: int, grid: int, cells: int = 3) -> ObjectWindows:
         """One window per shape or person of `data`, aligned to the sub-views' cell grid (cells of
@@ -287,7 +292,7 @@ class ObjectWindows:
         if cells % 2 != 1 or not 1 <= cells <= grid:
             raise SphinxError(f"object windows need an odd number of cells in 1..{grid}, got {cells}")
         side = view_size * view_grid
-        cell_px, half, middle = view_size // grid, cells // 2, (cells // 2) * cells + cells // 2
+        cell_px, half, middle = view_size // grid, cells // 2, (cells // 2) * (cells + 1)  # as `.middle`
         items, corners, rows = [], [], []
         for i, objs in enumerate(data.objects):
             for obj in objs:
@@ -311,19 +316,21 @@ class ObjectWindows:
         """CLIP-normalised windows [B, 3, w, w] of the square the sub-views are cut from; what lies outside it is
         the processor's pad colour. Images of another size are resized first, as the views resize them."""
         pad = torch.tensor(PAD_FILL, dtype=torch.uint8).view(1, 1, 3)
-        if data.squares.shape[1] == self.side:  # crop uint8, then normalise only the windows
-            return normalize_pixels(self._crop(data.squares[self.items[index]], index, pad[0, 0]))
+        if data.squares.shape[1] == self.side:  # crop uint8 in place, then normalise only the windows
+            return normalize_pixels(self._crop(data.squares, self.items[index], index, pad[0, 0]))
         squares = resize_square(data.pixels(self.items[index]), self.side).permute(0, 2, 3, 1)  # [B, S, S, 3]
-        return self._crop(squares, index, normalize_pixels(pad)[:, 0, 0]).permute(0, 3, 1, 2).contiguous()
+        fill = normalize_pixels(pad)[:, 0, 0]
+        return self._crop(squares, torch.arange(len(index)), index, fill).permute(0, 3, 1, 2).contiguous()
 
-    def _crop(self, squares: torch.Tensor, index: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-        """Windows `index` of their squares [B, S, S, 3] -> [B, w, w, 3], `fill` [3] outside the squares."""
+    def _crop(self, squares: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, fill: torch.Tensor
+              ) -> torch.Tensor:
+        """Window `index[k]` of square `squares[rows[k]]` ([N, S, S, 3]) -> [B, w, w, 3], `fill` [3] outside."""
         w = self.cells * self.cell_px
         out = fill.expand(len(index), w, w, 3).clone()
-        for k, n in enumerate(index.tolist()):
+        for k, (row, n) in enumerate(zip(rows.tolist(), index.tolist(), strict=True)):
             x0, y0 = (int(v) for v in self.corners[n])
             xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, self.side), min(y0 + w, self.side)
-            out[k, ya - y0 : yb - y0, xa - x0 : xb - x0] = squares[k, ya:yb, xa:xb]
+            out[k, ya - y0 : yb - y0, xa - x0 : xb - x0] = squares[row, ya:yb, xa:xb]
         return out
 
 
@@ -346,14 +353,13 @@ def pretrain_semantic(encoder: VisionEncoder, data: WorldImageSet, targets: dict
     heads = SemanticHeads(spec.width)
     gen = torch.Generator().manual_seed(derive_seed(seed, spec.name) % (1 << 63))
     windows = ObjectWindows.build(data, spec.view_size, view_grid, spec.grid, window_cells) if view_every > 1 else None
-    middle = (window_cells // 2) * window_cells + window_cells // 2
 
     def loss_fn(step: int, idx: torch.Tensor) -> torch.Tensor:
         if windows is None or step % view_every == view_every - 1:
             views, which = _random_views(data, idx, spec, view_grid, gen)
             return heads.loss(encoder.encode(views), {k: t[idx, which] for k, t in targets.items()})
         pick = torch.randint(0, len(windows), (2 * len(idx),), generator=gen)
-        tokens = encoder.encode(windows.pixels(data, pick))[:, middle : middle + 1]  # [2B, 1, C]
+        tokens = encoder.encode(windows.pixels(data, pick))[:, windows.middle : windows.middle + 1]  # [2B, 1, C]
         return heads.loss(tokens, {k: t[pick] for k, t in windows.targets.items()}, window_fields)
 
     params = [*encoder.parameters(), *heads.parameters()]
