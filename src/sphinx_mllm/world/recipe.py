@@ -115,12 +115,15 @@ class RecipePlan:
     beta: float = 0.5
     encoder_images: int | None = None  # training images for encoder pre-training (None: all)
     caption_loss_items: int = 96
+    shuffle_items: int = 64  # held-out VQA / REC items of the shuffle check
     image_size: int = 448
     vocab_size: int = 1024
 
 
-_ALL_TASKS_EVAL = {"vqa": 150, "gqa": 60, "rec": 120, "reg": 60, "relation": 60, "caption": 40,
-                   "grounded_caption": 40, "detection": 80, "layout": 60, "keypoints": 40, "ocr": 24}
+_ALL_TASKS_EVAL = {"vqa": 150, "gqa": 60, "rec": 120, "reg": 40, "relation": 40, "caption": 24,
+                   "grounded_caption": 20, "detection": 40, "layout": 30, "keypoints": 20, "ocr": 12}
+"""Held-out records per task of the default plan: VQA and REC, the targets with most classes, get the most; the
+long answers (OCR of pages, keypoints, grounded captions) cost the most decoding per item and get the fewest."""
 _PACK_RATIOS = {"caption": 0.3, "conversation": 0.3, "gqa": 0.5, "reg": 0.5, "relation": 0.5, "keypoints": 0.5,
                 "grounded_caption": 0.5}
 """Shares of each task's records kept for fine-tuning. The loss is a mean over answer tokens, so a 300-token
@@ -129,39 +132,42 @@ _QUICK_RATIOS = {**{t: 0.0 for t in ("caption", "conversation", "detection", "gr
                                       "layout", "ocr")}, "gqa": 0.5, "reg": 0.5, "relation": 0.5}
 """The quick plan evaluates VQA and REC only: it fine-tunes on the short-answer and grounding tasks."""
 PLANS: dict[str, RecipePlan] = {
+    # Sized to the issue's budgets on this project's 2-core machines (measured: default 14.4 minutes, quick 2.7; the
+    # issue's bars are <= 15 and <= 3). Until 2026-11-29 the default plan took ~28 minutes with about twice the
+    # steps (ConvNeXt 1000, language 300, captions 60 + 60, fine-tuning 400) and met no more of the targets
+    # (docs/world_report.md, "Eighth round").
     "default": RecipePlan(
         name="default",
-        world={"train": {"shapes": 1600, "people": 500, "signs": 300, "document": 300},
+        world={"train": {"shapes": 1200, "people": 400, "signs": 200, "document": 200},
                "eval": {"shapes": 120, "people": 50, "signs": 30, "document": 30}},
-        encoders=EncoderPretraining({"convnext": Budget(1000, 32, 1e-3), "dinov2": Budget(120, 32, 1e-3),
-                                     "clip": Budget(60, 64, 1e-3)}),
-        language=Stage(300, 32, 32, 3e-3, warmup=15),
-        projector=Stage(20, 16, 16, 2e-3, warmup=5),
-        pretrain_real=Stage(60, 16, 16, 2e-3),
-        # 400 steps here taught the LLM more on perfect features (fifth round), but on the real ones they left the
-        # sighted arm's held-out caption loss at the blind twin's and its mixed model worse than the specialists'
-        # mean on real-domain captions (seventh round): kept at 60.
-        pretrain_synthetic=Stage(60, 16, 16, 2e-3),
-        finetune=Stage(400, 8, 8, 3e-3, warmup=20),
+        encoders=EncoderPretraining({"convnext": Budget(500, 32, 1e-3), "dinov2": Budget(100, 32, 1e-3),
+                                     "clip": Budget(50, 64, 1e-3)}),
+        language=Stage(160, 32, 32, 3e-3, warmup=10),
+        projector=Stage(16, 16, 16, 2e-3, warmup=4),
+        pretrain_real=Stage(40, 16, 16, 2e-3),
+        pretrain_synthetic=Stage(40, 16, 16, 2e-3),
+        finetune=Stage(200, 8, 8, 3e-3, warmup=15),
         eval_limits=_ALL_TASKS_EVAL,
         pack_ratios=_PACK_RATIOS,
         pack_max_tokens=512,
+        caption_loss_items=64,
     ),
     "quick": RecipePlan(
         name="quick",
-        world={"train": {"shapes": 360, "people": 100, "signs": 40, "document": 40},
-               "eval": {"shapes": 60, "people": 20, "signs": 10, "document": 10}},
-        encoders=EncoderPretraining({"convnext": Budget(300, 32, 1e-3), "dinov2": Budget(40, 32, 1e-3),
-                                     "clip": Budget(20, 64, 1e-3)}),
-        language=Stage(120, 32, 32, 3e-3, warmup=10),
-        projector=Stage(5, 16, 16, 2e-3, warmup=2),
-        pretrain_real=Stage(8, 16, 16, 2e-3, warmup=3),
+        world={"train": {"shapes": 200, "people": 60, "signs": 20, "document": 20},
+               "eval": {"shapes": 50, "people": 16, "signs": 8, "document": 6}},
+        encoders=EncoderPretraining({"convnext": Budget(40, 32, 1e-3), "dinov2": Budget(20, 32, 1e-3),
+                                     "clip": Budget(10, 64, 1e-3)}),
+        language=Stage(100, 32, 32, 3e-3, warmup=10),
+        projector=Stage(4, 16, 16, 2e-3, warmup=2),
+        pretrain_real=Stage(14, 16, 16, 2e-3, warmup=3),
         pretrain_synthetic=Stage(8, 16, 16, 2e-3, warmup=3),
-        finetune=Stage(100, 8, 8, 3e-3, warmup=10),
-        eval_limits={"vqa": 80, "rec": 40},
+        finetune=Stage(30, 8, 8, 3e-3, warmup=5),
+        eval_limits={"vqa": 64, "rec": 32},
         pack_ratios=_QUICK_RATIOS,
         pack_max_tokens=512,
-        caption_loss_items=32,
+        caption_loss_items=16,
+        shuffle_items=32,
     ),
 }
 
@@ -208,7 +214,7 @@ def plan_for_llm(plan: RecipePlan, llm: str) -> RecipePlan:
 
 
 READING_SCENES: dict[str, dict[str, int]] = {
-    "default": {"shapes": 1600, "people": 500, "signs": 300, "document": 300},
+    "default": {"shapes": 1200, "people": 400, "signs": 200, "document": 200},
     "quick": {"shapes": 600, "people": 180, "signs": 110, "document": 110},
 }
 """`--reading`: fresh scenes per kind of the reading documents (as many as the plan's training images, ~4 documents
@@ -586,12 +592,13 @@ class WorldRecipe:
         mixture = _mixture(data / "shuffle_check.yaml", [(f"eval/{t}.jsonl", "image_text") for t in tasks], self.world,
                            "held-out records of the shuffle check")
         model, processor = load_for_loss(self.arm_dir("sighted") / "finetune" / "final")
-        loss = held_out_loss(model, processor, mixture, limit=64, batch_size=8)
+        loss = held_out_loss(model, processor, mixture, limit=self.plan.shuffle_items, batch_size=8)
         return loss.as_dict()
 
     def run_arm(self, arm: str) -> None:
+        """The LLM stages of one arm, from its feature cache (`run` caches the features first)."""
         plan, paths, base = self.plan, self.arm_paths(arm), self.arm_dir(arm)
-        self.step(f"{arm}/features", lambda: self.make_features(arm))
+        self.step(f"{arm}/features", lambda: self.make_features(arm))  # done before, unless called alone
         caption_len = 384
         start = self.out / "language" / "final" if plan.language is not None else self.out / "init"
         self.step(f"{arm}/projector", lambda: self.train_stage(
@@ -666,7 +673,10 @@ class WorldRecipe:
             self.step("language", lambda: self.train_stage(
                 "shared", "language", "pretrain", self.plan.language, self.out / "init",
                 self.out / "data" / "language" / "mixture.yaml", self.plan.language_max_length))
-        self.run_arms(list(ARMS if self.o.blind else ARMS[:1]))
+        arms = list(ARMS if self.o.blind else ARMS[:1])
+        for arm in arms:  # with every thread: in the arms' threads the encoders would run on one core each
+            self.step(f"{arm}/features", lambda arm=arm: self.make_features(arm))
+        self.run_arms(arms)
         self.step("shuffle_check", self.shuffle_check)
         summary = write_report(self.out, self.steps, self.plan, TARGETS.get(self.plan.name, {}),
                                seconds=time.perf_counter() - start)
