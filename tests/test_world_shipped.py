@@ -23,6 +23,7 @@ def test_the_shipped_model_is_small_and_carries_its_provenance() -> None:
     assert card["source"]["plan"] == "default" and card["source"]["llm"] == "tiny"
     assert set(card["metrics"]) == {"vqa", "gqa", "rec"}
     assert set(card["recipe_metrics"]) == {"sighted", "blind"}
+    assert card["reproduce"].endswith("--export src/sphinx_mllm/world/checkpoint")  # no exporting machine's path
     report = json.loads((Path(__file__).parents[1] / "docs" / "world_report" / "report.json").read_text())
     for arm, metrics in card["recipe_metrics"].items():  # the run the docs report is the run it came from
         assert {t: report["metrics"][arm][t] for t in metrics} == metrics

@@ -57,6 +57,14 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _shown_path(out: Path) -> str:
+    """`out` as the card writes it: the package's own folder relative to a checkout, so that the card does not
+    hold the exporting machine's paths."""
+    if out.resolve() == CHECKPOINT_DIR.resolve():
+        return "src/sphinx_mllm/world/checkpoint"
+    return str(out)
+
+
 def _score(model: Path, records: dict[str, Path], images: Path, caps: dict[str, int], work: Path,
            runner: Runner) -> dict[str, dict[str, float]]:
     """`sphinx-mllm eval run` of `model` (float32) on each task's records -> {task: {metric: value}}."""
@@ -127,7 +135,8 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike = CHECKPOIN
         card = {
             "format": 1,
             "what": "the sighted arm's fine-tuned model of a default `sphinx-mllm world run`, in bfloat16",
-            "reproduce": f"sphinx-mllm world run --fresh --out runs/world --seed {options['seed']} --export {out}",
+            "reproduce": f"sphinx-mllm world run --fresh --out runs/world --seed {options['seed']} --export "
+                         f"{_shown_path(Path(out))}",
             "source": {"plan": plan["name"], "seed": options["seed"], "llm": options.get("llm", "tiny"),
                        "commit": _commit(), "run_minutes": round(report.get("seconds", 0) / 60, 1)},
             "world": {**WorldConfig(seed=manifest["seed"], size=manifest["size"], image_size=manifest["image_size"],
