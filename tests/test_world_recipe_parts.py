@@ -223,7 +223,14 @@ def _pretrain(world: Path, tokenizer_dir: Path, seed: int, probe: bool = False) 
     assert {k: len(v) for k, v in pre.losses.items()} == {"convnext": 4, "dinov2": 2, "clip": 2}
     assert all(x == x for v in pre.losses.values() for x in v)
     if probe:  # the held-out check the recipe records for its report
+        modes = {n: (e.training, pre.heads[n].training) for n, e in pre.encoders.items()}
+        seen: list[bool] = []
+        hooks = [e.register_forward_pre_hook(lambda m, _: seen.append(m.training)) for e in pre.encoders.values()]
         held = probe_encoders(pre, config, WorldImageSet.load(world, config.image_size, "eval", limit=8), tokenize)
+        for hook in hooks:
+            hook.remove()
+        assert seen and not any(seen)  # probed in eval mode, as the frozen tower runs them
+        assert {n: (e.training, pre.heads[n].training) for n, e in pre.encoders.items()} == modes  # restored
         assert {"thing_category", "thing_category_shapes", "thing_colour"} <= set(held["convnext"])
         keys = list(held["convnext"])
         per_class = [k for k in keys if k.startswith("thing_category/")]
