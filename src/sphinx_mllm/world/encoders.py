@@ -602,7 +602,8 @@ def probe_encoders(pre: PretrainedEncoders, config: SphinxConfig, data: WorldIma
     for name, encoder in pre.encoders.items():
         heads, spec, tally = pre.heads[name], specs[name], _Tally()
         modes = encoder.training, heads.training
-        encoder.eval(), heads.eval()  # measured as they will run frozen (dropout, drop-path off)
+        encoder.eval()  # measured as it will run frozen (dropout, drop-path off)
+        heads.eval()
         if isinstance(heads, ContrastiveHeads):
             for start in range(0, len(data) - 1, 64):
                 idx = torch.arange(start, min(len(data), start + 64))
@@ -616,7 +617,8 @@ def probe_encoders(pre: PretrainedEncoders, config: SphinxConfig, data: WorldIma
                 tokens = tokens[:, 1:] if spec.has_cls else tokens  # [B * V, g*g, C]
                 tgt = {k: t[idx].flatten(0, 1) for k, t in targets.items()}
                 _probe_batch(heads, tokens, tgt, config.num_views, tally.add)
-        encoder.train(modes[0]), heads.train(modes[1])
+        encoder.train(modes[0])
+        heads.train(modes[1])
         rates = tally.rates()  # per-category recalls last, in `CATEGORIES` order
         out[name] = dict(sorted(rates.items(), key=lambda kv: (
             "/" in kv[0], CATEGORIES.index(kv[0].split("/", 1)[1]) if "/" in kv[0] else 0)))
