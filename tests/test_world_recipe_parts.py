@@ -230,7 +230,7 @@ def _pretrain(world: Path, tokenizer_dir: Path, seed: int, probe: bool = False) 
         for hook in hooks:
             hook.remove()
         assert seen and not any(seen)  # probed in eval mode, as the frozen tower runs them
-        assert {n: (e.training, pre.heads[n].training) for n, e in pre.encoders.items()} == modes  # restored
+        assert {n: (e.training, pre.heads[n].training) for n, e in pre.encoders.items()} == modes  # left as they were
         assert {"thing_category", "thing_category_shapes", "thing_colour"} <= set(held["convnext"])
         keys = list(held["convnext"])
         per_class = [k for k in keys if k.startswith("thing_category/")]

@@ -264,6 +264,11 @@ WINDOW_CATEGORIES: tuple[int, ...] = tuple(CATEGORIES.index(k) for k in (*SHAPES
 """The categories that object windows centre on: the shapes and people the VQA and REC questions name."""
 
 
+def _middle_cell(cells: int) -> int:
+    """Raster index of the middle cell of a `cells` x `cells` window."""
+    return (cells // 2) * (cells + 1)
+
+
 @dataclass
 class ObjectWindows:
     """`cells` x `cells`-cell windows of the full-resolution square, each centred (to the cell) on one shape or
@@ -282,7 +287,7 @@ class ObjectWindows:
     @property
     def middle(self) -> int:
         """Raster index of the middle cell among a window's `cells * cells` tokens."""
-        return (self.cells // 2) * (self.cells + 1)
+        return _middle_cell(self.cells)
 
     @classmethod
     def build(cls, data: WorldImageSet, view_size: int, view_grid: int, grid: int, cells: int = 3) -> ObjectWindows:
@@ -292,7 +297,7 @@ class ObjectWindows:
         if cells % 2 != 1 or not 1 <= cells <= grid:
             raise SphinxError(f"object windows need an odd number of cells in 1..{grid}, got {cells}")
         side = view_size * view_grid
-        cell_px, half, middle = view_size // grid, cells // 2, (cells // 2) * (cells + 1)  # as `.middle`
+        cell_px, half, middle = view_size // grid, cells // 2, _middle_cell(cells)
         items, corners, rows = [], [], []
         for i, objs in enumerate(data.objects):
             for obj in objs:
@@ -593,7 +598,8 @@ class _Tally:
 def probe_encoders(pre: PretrainedEncoders, config: SphinxConfig, data: WorldImageSet,
                    tokenize: Callable[[str], list[int]], batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Held-out quality of each encoder through its own objective's heads: semantic accuracies, box IoU of the
-    geometry cells (global view) and caption retrieval among 64 of the contrastive one."""
+    geometry cells (global view) and caption retrieval among 64 of the contrastive one. `pre` is what
+    `pretrain_encoders` returns: encoders and heads already frozen in eval mode, as the model's tower runs them."""
     specs = {s.name: s for s in config.encoder_specs}
     grid = shared_grid(list(specs.values()))
     targets = view_targets(data.objects, config.view_grid, grid)
@@ -601,9 +607,6 @@ def probe_encoders(pre: PretrainedEncoders, config: SphinxConfig, data: WorldIma
     out: dict[str, dict[str, float]] = {}
     for name, encoder in pre.encoders.items():
         heads, spec, tally = pre.heads[name], specs[name], _Tally()
-        modes = encoder.training, heads.training
-        encoder.eval()  # measured as it will run frozen (dropout, drop-path off)
-        heads.eval()
         if isinstance(heads, ContrastiveHeads):
             for start in range(0, len(data) - 1, 64):
                 idx = torch.arange(start, min(len(data), start + 64))
@@ -617,8 +620,6 @@ def probe_encoders(pre: PretrainedEncoders, config: SphinxConfig, data: WorldIma
                 tokens = tokens[:, 1:] if spec.has_cls else tokens  # [B * V, g*g, C]
                 tgt = {k: t[idx].flatten(0, 1) for k, t in targets.items()}
                 _probe_batch(heads, tokens, tgt, config.num_views, tally.add)
-        encoder.train(modes[0])
-        heads.train(modes[1])
         rates = tally.rates()  # per-category recalls last, in `CATEGORIES` order
         out[name] = dict(sorted(rates.items(), key=lambda kv: (
             "/" in kv[0], CATEGORIES.index(kv[0].split("/", 1)[1]) if "/" in kv[0] else 0)))

@@ -597,9 +597,8 @@ class WorldRecipe:
         return loss.as_dict()
 
     def run_arm(self, arm: str) -> None:
-        """The LLM stages of one arm, from its feature cache (`run` caches the features first)."""
+        """The LLM stages of one arm, from the feature cache `run` made for it before the arms split the cores."""
         plan, paths, base = self.plan, self.arm_paths(arm), self.arm_dir(arm)
-        self.step(f"{arm}/features", lambda: self.make_features(arm))  # done before, unless called alone
         caption_len = 384
         start = self.out / "language" / "final" if plan.language is not None else self.out / "init"
         self.step(f"{arm}/projector", lambda: self.train_stage(
