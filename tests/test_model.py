@@ -34,6 +34,32 @@ def test_convnext_map_is_nearest_upsampled_with_a_mean_cls() -> None:
     assert torch.allclose(out[:, 0], fmap.mean(dim=(1, 2)))
 
 
+def test_a_smaller_grid_average_pools_each_cell_and_keeps_a_mean_cls() -> None:
+    spec = SphinxConfig.from_preset("world-tiny").encoder_specs[1]  # ConvNeXt, 7x7 grid, no CLS
+    assert spec.family == "convnext" and spec.grid == 7 and not spec.has_cls
+    tokens = torch.randn(2, 49, 5, generator=torch.Generator().manual_seed(0))
+    out = align_to_grid(tokens, spec, 3)
+    assert out.shape == (2, 10, 5)
+    fmap = tokens.reshape(2, 7, 7, 5)
+    # Adaptive pooling of 7 to 3: cell i covers rows floor(7i/3) .. ceil(7(i+1)/3) - 1, i.e. 0-2, 2-4, 4-6.
+    spans = [(0, 3), (2, 5), (4, 7)]
+    pooled = out[:, 1:].reshape(2, 3, 3, 5)
+    for r, (r0, r1) in enumerate(spans):
+        for c, (c0, c1) in enumerate(spans):
+            assert torch.allclose(pooled[:, r, c], fmap[:, r0:r1, c0:c1].mean(dim=(1, 2)), atol=1e-6)
+    assert torch.allclose(out[:, 0], pooled.mean(dim=(1, 2)), atol=1e-6)
+
+
+def test_fusion_grid_validation_names_the_problem() -> None:
+    groups = [{"name": "visual_proj", "encoders": ["clip", "convnext", "dinov2"], "grid": 10}]
+    with pytest.raises(SphinxError, match="does not divide the common grid 10"):
+        SphinxConfig.from_preset("world-tiny", fusion=groups)
+    with pytest.raises(SphinxError, match="grid 0 must be >= 1"):
+        SphinxConfig.from_preset("world-tiny", fusion=[{**groups[0], "grid": 0}])
+    pooled = SphinxConfig.from_preset("world-tiny", fusion=[{**groups[0], "grid": 3}])
+    assert pooled.num_image_tokens == 5 * (3 * 3 + 1 + 2)
+
+
 def _reference_image_tokens(model: SphinxForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
     """The release's encode_image + wrapping, written out independently for the small presets."""
     cfg = model.config

@@ -98,7 +98,8 @@ class FusionGroup:
     """Encoders concatenated along channels, then `name` = Linear(sum widths -> dim) + LayerNorm(dim).
 
     With several encoders, every one is brought to a `grid` x `grid` token grid (nearest upsampling of
-    spatial maps) with a leading CLS token (the mean of the map where the encoder has none).
+    spatial maps; adaptive average pooling where `grid` is smaller, our addition) with a leading CLS token
+    (the mean of the map where the encoder has none).
     """
 
     name: str  # projection module name: "visual_proj", "qformer_proj" in the release
@@ -225,9 +226,11 @@ class SphinxConfig(PreTrainedConfig):
                 raise SphinxError(f"fusion group {group.name!r}: query-token encoders cannot be channel-concatenated")
             grid = self.group_grid(group)
             for m in members:
-                if m.grid is not None and grid is not None and grid % m.grid != 0:
+                if grid is not None and grid < 1:
+                    raise SphinxError(f"fusion group {group.name!r}: grid {grid} must be >= 1")
+                if m.grid is not None and grid is not None and grid > m.grid and grid % m.grid != 0:
                     raise SphinxError(f"fusion group {group.name!r}: encoder {m.name!r} grid {m.grid} does not "
-                                      f"divide the common grid {grid}")
+                                      f"divide the common grid {grid} (a larger grid upsamples by a whole factor)")
 
     # ---- presets -------------------------------------------------------------------------------
     @classmethod

@@ -1,32 +1,39 @@
 """L3: the release's fusion of encoder tokens into the LLM's image tokens.
 
 Per view (SPHINX.md section 3): each fusion group aligns its encoders to a common grid (a spatial map
-is nearest-upsampled and gets its mean as a leading "CLS"), concatenates them along channels (config
-order: CLIP | ConvNeXt | DINOv2), and projects with Linear + LayerNorm. Groups follow each other along the
+is nearest-upsampled and gets its mean as a leading "CLS"; a grid smaller than the encoder's, our
+addition, average-pools adaptively), concatenates them along channels (config order: CLIP | ConvNeXt |
+DINOv2), and projects with Linear + LayerNorm. Groups follow each other along the
 sequence (Q-Former first), and every view is wrapped by the learned `start_img` / `end_img` vectors.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sphinx_mllm.config import EncoderSpec, FusionGroup, SphinxConfig
 
 
 def align_to_grid(tokens: torch.Tensor, spec: EncoderSpec, grid: int) -> torch.Tensor:
-    """[N, T, C] -> [N, 1 + grid*grid, C]: nearest-upsample the spatial tokens, keep or make a CLS.
+    """[N, T, C] -> [N, 1 + grid*grid, C]: bring the spatial tokens to `grid` x `grid`, keep or make a CLS.
 
-    A map without CLS gets the mean of the (upsampled) map, as the release does for ConvNeXt.
+    A larger grid nearest-upsamples (the release); a smaller one average-pools adaptively (each output
+    token the mean of the encoder tokens its cell overlaps). A map without CLS gets the mean of the
+    aligned map, as the release does for ConvNeXt.
     """
     src = spec.grid
     assert src is not None
     cls, spatial = (tokens[:, :1], tokens[:, 1:]) if spec.has_cls else (None, tokens)
     if src != grid:
-        factor = grid // src
         n, _, c = spatial.shape
         fmap = spatial.reshape(n, src, src, c)  # [N, g, g, C]
-        fmap = fmap.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # [N, G, G, C]
+        if grid > src:
+            factor = grid // src
+            fmap = fmap.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # [N, G, G, C]
+        else:
+            fmap = F.adaptive_avg_pool2d(fmap.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)  # [N, G, G, C]
         spatial = fmap.reshape(n, grid * grid, c)
     if cls is None:
         cls = spatial.mean(dim=1, keepdim=True)
