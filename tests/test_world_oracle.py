@@ -11,7 +11,7 @@ import torch
 from sphinx_mllm.processing import IGNORE_INDEX
 from sphinx_mllm.utils import SphinxError
 from sphinx_mllm.world.dense import CATEGORIES, DenseObject
-from sphinx_mllm.world.measure import _batch_loss
+from sphinx_mllm.world.measure import _batch_loss, _swap_images
 from sphinx_mllm.world.oracle import ORACLE_FIELDS, ORACLE_SCALE, oracle_features, oracle_width
 
 
@@ -58,3 +58,18 @@ def test_an_item_is_exact_only_when_every_answer_token_is_the_top_choice() -> No
     assert exact == [True, False, False] and tokens == 4
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(
         logits[:2, :2].reshape(-1, vocab), labels[:2, 1:3].reshape(-1), reduction="sum")))
+
+
+def test_swapped_images_come_from_another_image_file_not_a_neighbour_on_the_same_one() -> None:
+    # Held-out VQA files hold consecutive questions about one image: a plain rotation would hand such an item its
+    # own image and hide a model that reads it.
+    images = ["a.png", "a.png", "b.png", "c.png", "c.png"]
+    items = [{"image": im, "encoder_features": {"enc": torch.full((1,), float(i))}} for i, im in enumerate(images)]
+    swapped = _swap_images(items)
+    donors = [int(it["encoder_features"]["enc"]) for it in swapped]
+    assert donors == [2, 2, 3, 0, 0]
+    assert all(images[d] != im for d, im in zip(donors, images))
+    assert [it["image"] for it in swapped] == images  # only the pixels / features move
+    alone = _swap_images([{"image": "a.png", "pixel_values": torch.zeros(1)}, {"image": "a.png",
+                                                                               "pixel_values": torch.ones(1)}])
+    assert [float(it["pixel_values"]) for it in alone] == [0.0, 1.0]  # no other image: each keeps its own

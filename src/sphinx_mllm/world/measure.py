@@ -48,12 +48,15 @@ class HeldOutLoss:
 
 
 def _swap_images(items: list[dict]) -> list[dict]:
-    """The items with their images rotated by one (item i gets item i+1's image): a derangement when the
-    images differ."""
+    """The items with their images rotated: item i gets the image of the next item (cyclically) whose image
+    is another file, so consecutive questions about one image do not swap it with itself; an item whose batch
+    holds no other image keeps its own."""
     keys = [k for k in ("encoder_features", "pixel_values") if k in items[0]]
     out = [dict(it) for it in items]
+    n = len(items)
     for i, it in enumerate(out):
-        donor = items[(i + 1) % len(items)]
+        donor = next((items[(i + k) % n] for k in range(1, n) if items[(i + k) % n]["image"] != items[i]["image"]),
+                     items[i])
         for k in keys:
             it[k] = donor[k]
     return out
