@@ -39,6 +39,7 @@ from sphinx_mllm.world import (
     verify_world,
     world_image,
 )
+from sphinx_mllm.world.shapes import SHAPE_GRID
 from sphinx_mllm.world.vocab import COLOURS, DETECTION_CATEGORIES, LAYOUT_CLASSES, SIZE_CLASSES
 
 CONFIG = WorldConfig(seed=0, size="small", image_size=448)
@@ -241,6 +242,23 @@ def test_shape_and_person_boxes_are_tight_around_their_pixels(world: Path) -> No
             expected[DETECTION_CATEGORIES["person"]].append(p.box)
         assert by_category == {c: sorted(b) for c, b in expected.items()}
     assert small >= 5  # shapes under 4.5% of the side: only legible in the high-resolution views
+
+
+def test_shapes_are_centred_on_the_cells_of_the_views_token_grid(world: Path) -> None:
+    cells_used: set[tuple[int, int]] = set()
+    for kind, i in _images("train", ("shapes", "people")):
+        image = _image("train", kind, i)
+        square = max(image.size)
+        cell = square / SHAPE_GRID
+        pad_x, pad_y = (square - image.size[0]) // 2, (square - image.size[1]) // 2
+        for s in image.shapes:
+            cx, cy = s.x + s.side / 2 + pad_x, s.y + s.side / 2 + pad_y  # drawing square's centre, padded square
+            col, row = round(cx / cell - 0.5), round(cy / cell - 0.5)
+            assert abs(cx - (col + 0.5) * cell) <= 0.5 and abs(cy - (row + 0.5) * cell) <= 0.5, (image.name, s)
+            bx, by = (s.box[0] + s.box[2]) / 2 + pad_x, (s.box[1] + s.box[3]) / 2 + pad_y  # what was drawn
+            assert abs(bx - (col + 0.5) * cell) <= cell / 4 and abs(by - (row + 0.5) * cell) <= cell / 4
+            cells_used.add((col, row))
+    assert len(cells_used) >= 40  # still many positions
 
 
 def test_keypoints_lie_on_their_person_limbs(world: Path) -> None:

@@ -185,5 +185,29 @@ def place(
     return None
 
 
+def place_on_grid(
+    rng: random.Random, size: Size, side: int, taken: Sequence[PixelBox], *, gap: int, cells: int, margin: int,
+    tries: int = 60,
+) -> tuple[int, int] | None:
+    """A top-left corner for a `side` x `side` box centred on the centre of a random cell of a `cells` x `cells`
+    grid over the image padded to a centred square (the processor's pad: `(S - W) // 2` left, `(S - H) // 2`
+    top), inside the image (`margin` px from its edges) and `gap` px away from every box in `taken`; None after
+    `tries`."""
+    width, height = size
+    square = max(size)
+    cell = square / cells
+    pad_x, pad_y = (square - width) // 2, (square - height) // 2
+    for _ in range(tries):
+        col, row = rng.randrange(cells), rng.randrange(cells)
+        x = round((col + 0.5) * cell - pad_x - side / 2)
+        y = round((row + 0.5) * cell - pad_y - side / 2)
+        if x < margin or y < margin or x + side > width - margin or y + side > height - margin:
+            continue
+        box = (x, y, x + side, y + side)
+        if not any(boxes_near(box, other, gap) for other in taken):
+            return x, y
+    return None
+
+
 def box_center(box: PixelBox) -> tuple[float, float]:
     return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
