@@ -225,9 +225,9 @@ class SphinxConfig(PreTrainedConfig):
             if len(members) > 1 and any(m.grid is None for m in members):
                 raise SphinxError(f"fusion group {group.name!r}: query-token encoders cannot be channel-concatenated")
             grid = self.group_grid(group)
+            if grid is not None and grid < 1:
+                raise SphinxError(f"fusion group {group.name!r}: grid {grid} must be >= 1")
             for m in members:
-                if grid is not None and grid < 1:
-                    raise SphinxError(f"fusion group {group.name!r}: grid {grid} must be >= 1")
                 if m.grid is not None and grid is not None and grid > m.grid and grid % m.grid != 0:
                     raise SphinxError(f"fusion group {group.name!r}: encoder {m.name!r} grid {m.grid} does not "
                                       f"divide the common grid {grid} (a larger grid upsamples by a whole factor)")
