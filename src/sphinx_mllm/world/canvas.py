@@ -165,6 +165,12 @@ def boxes_near(a: PixelBox, b: PixelBox, gap: int) -> bool:
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
+def _clear(box: PixelBox, taken: Sequence[PixelBox], gap: int) -> bool:
+    """True when `box` keeps `gap` px away from every box in `taken` (the placement test of `place` and
+    `place_on_grid`)."""
+    return not any(boxes_near(box, other, gap) for other in taken)
+
+
 def place(
     rng: random.Random, size: Size, extent: tuple[int, int], taken: Sequence[PixelBox], *, gap: int, margin: int,
     tries: int = 60, overhang: tuple[int, int] = (0, 0),
@@ -180,7 +186,7 @@ def place(
     for _ in range(tries):
         x, y = rng.randint(x_lo, x_hi), rng.randint(y_lo, y_hi)
         box = (x, y, x + w, y + h)
-        if not any(boxes_near(box, other, gap) for other in taken):
+        if _clear(box, taken, gap):
             return x, y
     return None
 
@@ -204,7 +210,7 @@ def place_on_grid(
         if x < margin or y < margin or x + side > width - margin or y + side > height - margin:
             continue
         box = (x, y, x + side, y + side)
-        if not any(boxes_near(box, other, gap) for other in taken):
+        if _clear(box, taken, gap):
             return x, y
     return None
 
