@@ -60,6 +60,39 @@ def test_fusion_grid_validation_names_the_problem() -> None:
     assert pooled.num_image_tokens == 5 * (3 * 3 + 1 + 2)
 
 
+def test_fusion_keep_selects_the_highest_scoring_cells_in_raster_order_with_their_positions() -> None:
+    group = {"name": "visual_proj", "encoders": ["clip", "convnext", "dinov2"], "grid": 7, "keep": 4}
+    config = SphinxConfig.from_preset("world-tiny", fusion=[group])
+    assert config.num_image_tokens == 5 * (4 + 1 + 2)
+    assert config.fusion_groups[0].keep == 4
+    torch.manual_seed(0)
+    model = SphinxForConditionalGeneration(config).eval()
+    fusion = model.fusion
+    feats = {"clip": torch.randn(10, 50, 128), "convnext": torch.randn(10, 49, 192), "dinov2": torch.randn(10, 50, 192)}
+    g = config.fusion_groups[0]
+    tokens = fusion.group_tokens(g, 7, feats)  # [10, 50, 512]
+    scorer = fusion.scorers["visual_proj"]
+    with torch.no_grad():
+        scorer.weight.zero_()
+        scorer.bias.zero_()
+        scorer.weight[0, 200] = 1.0  # the score is channel 200 (a ConvNeXt channel)
+        out = fusion(feats)  # [2, 5 * 7, 256]
+    assert out.shape == (2, 35, 256)
+    proj, table = fusion.projections["visual_proj"], fusion.cell_pos["visual_proj"]
+    for n in range(10):
+        best = tokens[n, 1:, 200].topk(4).indices.sort().values
+        with torch.no_grad():
+            want = proj(torch.cat([tokens[n, :1], tokens[n, 1:][best]]))
+            want[1:] += table[n % 5, best]
+        view = out[n // 5, (n % 5) * 7:(n % 5 + 1) * 7]
+        assert torch.equal(view[0], fusion.start_img[0, 0]) and torch.equal(view[-1], fusion.end_img[0, 0])
+        assert torch.allclose(view[1:-1], want, atol=1e-5)
+    with pytest.raises(SphinxError, match="keep=50 needs 1 <= keep"):
+        SphinxConfig.from_preset("world-tiny", fusion=[{**group, "keep": 50}])
+    saved = SphinxConfig.from_dict(config.to_dict())
+    assert saved.fusion_groups == config.fusion_groups
+
+
 def _reference_image_tokens(model: SphinxForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
     """The release's encode_image + wrapping, written out independently for the small presets."""
     cfg = model.config

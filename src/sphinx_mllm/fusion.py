@@ -5,6 +5,12 @@ is nearest-upsampled and gets its mean as a leading "CLS"; a grid smaller than t
 addition, average-pools adaptively), concatenates them along channels (config order: CLIP | ConvNeXt |
 DINOv2), and projects with Linear + LayerNorm. Groups follow each other along the
 sequence (Q-Former first), and every view is wrapped by the learned `start_img` / `end_img` vectors.
+
+A group with `keep` (our addition) keeps each view's `keep` most salient cells: a linear `scorers[group]` on the
+concatenated channels ranks the cells, the top ones stay in raster order, and each gets the learned embedding
+`cell_pos[group][view, cell]` of where it came from after the projection. The ranking is a hard choice (no
+gradient reaches the scorer through it): the scorer is fitted on its own (the world recipe fits it to the cells
+that hold an object).
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ class Fusion(nn.Module):
         self.specs = {s.name: s for s in config.encoder_specs}
         self.groups: list[tuple[FusionGroup, int | None]] = [(g, config.group_grid(g)) for g in config.fusion_groups]
         self.projections = nn.ModuleDict({g.name: Projection(config.group_width(g), dim) for g, _ in self.groups})
+        selecting = [(g, grid) for g, grid in self.groups if g.keep is not None and grid is not None]
+        self.scorers = nn.ModuleDict({g.name: nn.Linear(config.group_width(g), 1) for g, _ in selecting})
+        self.cell_pos = nn.ParameterDict({g.name: nn.Parameter(torch.randn(self.num_views, grid * grid, dim) * 0.5)
+                                          for g, grid in selecting})
         # Shared by all views; the release initialises them uniform in [0, 1).
         self.start_img = nn.Parameter(torch.rand(1, 1, dim))
         self.end_img = nn.Parameter(torch.rand(1, 1, dim))
@@ -71,15 +81,39 @@ class Fusion(nn.Module):
         aligned = [align_to_grid(f, self.specs[n], grid) for n, f in zip(group.encoders, members)]
         return torch.cat(aligned, dim=-1)
 
+    def select_cells(self, group: FusionGroup, tokens: torch.Tensor) -> torch.Tensor:
+        """The raster indices of the `group.keep` highest-scoring cells of each view. [N, 1 + G*G, C] -> [N, keep]"""
+        scorer = self.scorers[group.name]
+        scores = scorer(tokens[:, 1:].to(scorer.weight.dtype))[..., 0]  # [N, G*G]
+        assert group.keep is not None
+        return scores.topk(group.keep, dim=1).indices.sort(dim=1).values
+
+    def place_cells(self, group: FusionGroup, projected: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Add each kept cell's position embedding. projected [N, 1 + keep, dim] (CLS first), cells [N, keep]
+        (raster indices; item n is view n % V) -> [N, 1 + keep, dim]"""
+        table = self.cell_pos[group.name]  # [V, G*G, dim]
+        views = torch.arange(projected.shape[0], device=cells.device) % self.num_views
+        pos = table[views[:, None], cells]  # [N, keep, dim]
+        return torch.cat([projected[:, :1], projected[:, 1:] + pos.to(projected.dtype)], dim=1)
+
+    def wrap_views(self, body: torch.Tensor) -> torch.Tensor:
+        """Put `start_img` / `end_img` around each view and lay the views of an image out in sequence.
+        body [B * V, T, dim] -> [B, V * (T + 2), dim]"""
+        n = body.shape[0]
+        view_tokens = torch.cat([self.start_img.expand(n, -1, -1), body, self.end_img.expand(n, -1, -1)], dim=1)
+        return view_tokens.reshape(n // self.num_views, self.num_views * view_tokens.shape[1], -1)  # view 0 first
+
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """{encoder: [B * V, T_e, C_e]} -> [B, V * tokens_per_view, dim]"""
         seq = []
         for group, grid in self.groups:
             proj = self.projections[group.name]
             tokens = self.group_tokens(group, grid, feats)
+            if group.name in self.scorers:
+                cells = self.select_cells(group, tokens)  # [N, keep]
+                kept = tokens[:, 1:].gather(1, cells[..., None].expand(-1, -1, tokens.shape[-1]))
+                tokens = torch.cat([tokens[:, :1], kept], dim=1)  # [N, 1 + keep, C]
+                seq.append(self.place_cells(group, proj(tokens.to(proj[0].weight.dtype)), cells))
+                continue
             seq.append(proj(tokens.to(proj[0].weight.dtype)))  # [N, T_g, dim]
-        body = torch.cat(seq, dim=1)  # [N, sum T_g, dim]
-        n = body.shape[0]
-        view_tokens = torch.cat([self.start_img.expand(n, -1, -1), body, self.end_img.expand(n, -1, -1)], dim=1)
-        batch = n // self.num_views
-        return view_tokens.reshape(batch, self.num_views * view_tokens.shape[1], -1)  # view 0 first
+        return self.wrap_views(torch.cat(seq, dim=1))  # body [N, sum T_g, dim]
