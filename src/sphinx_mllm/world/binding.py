@@ -1,0 +1,377 @@
+"""Binding: the from-scratch LLM learns to read visual tokens from the world's labels before it sees real ones.
+
+SPHINX starts from LLaMA, which already picks out of its context the thing a question names. A small LLM trained
+from scratch does not, and learning it behind real, noisy features within the recipe's budget never happened
+(docs/world_report.md, rounds one to nine). Here it learns it on *label tokens* first: every kept cell of every view
+(`FusionGroup.keep`) becomes the sum of the LLM's own input embeddings of the words that name what the cell holds
+("square", "red", "small", "waving", a written word), so the question's words and the image tokens start out in one
+space. A CLS token per view stands for the image's aspect ratio. These label tokens go through the model's own
+fusion after its projection: its LayerNorm, the kept cells' position embeddings and the views' start/end vectors.
+
+Two phases, measured on the world's VQA (docs/world_report.md, tenth round):
+
+1. *Bare* captions: "square red . large square red . red square top left ...": the answer word follows the word that
+   names the object, so picking the token by content is a one-step skill (learned in ~150 steps; behind a question
+   template it is a two-step one, and a 4-layer LLM from scratch stays on a plateau for 1000+ steps).
+2. Dense dialogs: every candidate VQA / GQA question of a scene (a few per type), with the release's template and
+   the tasks' own prompts, several per dialog: the answer position learns to fetch what the named word found.
+
+Scenes are fresh (labels only, no pixels: `world.reading.reading_scenes`), so the stage costs no encoder passes.
+`fit_projector` then maps the real encoders' cached features onto the label tokens (ridge regression of the
+projection, logistic regression of the cell scorer), so that the real image tokens land where the LLM reads.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sphinx_mllm.config import FusionGroup
+from sphinx_mllm.data.converters.common import typed_task
+from sphinx_mllm.modeling import SphinxForConditionalGeneration
+from sphinx_mllm.processing import IGNORE_INDEX, SphinxProcessor
+from sphinx_mllm.tasks import VQATask
+from sphinx_mllm.utils import SphinxError, get_logger
+from sphinx_mllm.world import dense
+from sphinx_mllm.world.canvas import LANDSCAPE_AND_PORTRAIT
+from sphinx_mllm.world.language import cell as cell_name
+from sphinx_mllm.world.language import things_of
+from sphinx_mllm.world.questions import gqa_candidates, vqa_candidates
+from sphinx_mllm.world.scene import PAGE_RATIOS, WorldImage
+from sphinx_mllm.world.vocab import COLOURS, POSES
+
+log = get_logger(__name__)
+
+LABEL_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("thing/category", dense.CATEGORIES), ("thing/colour", tuple(COLOURS)), ("thing/size", dense.SIZE_NAMES),
+    ("thing/pose", POSES), ("word/colour", tuple(COLOURS)), ("word/word", (*dense.WORD_VOCAB[:-1], "number")),
+)
+"""The per-cell labels a label token is made of (`dense.cell_targets` keys, class k -> word `names[k - 1]`)."""
+ASPECTS: tuple[tuple[int, int], ...] = tuple(dict.fromkeys((*LANDSCAPE_AND_PORTRAIT, *PAGE_RATIOS)))
+"""The world's aspect ratios; the CLS label token of each view is learned per aspect (and view)."""
+
+
+def aspect_index(size: tuple[int, int]) -> int:
+    """The `ASPECTS` entry nearest to an image size (w, h)."""
+    ratio = size[0] / size[1]
+    return min(range(len(ASPECTS)), key=lambda i: abs(math.log(ratio * ASPECTS[i][1] / ASPECTS[i][0])))
+
+
+def selecting_group(model: SphinxForConditionalGeneration) -> tuple[FusionGroup, int]:
+    """The model's one fusion group with `keep` and its grid (binding needs exactly one)."""
+    groups = [(g, grid) for g, grid in model.fusion.groups if g.keep is not None and grid is not None] \
+        if model.fusion is not None else []
+    if len(model.config.fusion_groups) != 1 or len(groups) != 1:
+        raise SphinxError("binding needs a model with a single fusion group that keeps salient cells "
+                          "(FusionGroup.keep), like the world-tiny-keep preset")
+    return groups[0]
+
+
+@dataclass
+class SceneCells:
+    """The kept cells of one image: labels [V, keep, len(LABEL_FIELDS)] (0: none), raster cells [V, keep], aspect,
+    and which of all the grid's cells hold an object ([V, grid * grid] bool)."""
+
+    labels: np.ndarray
+    cells: np.ndarray
+    aspect: int
+    held: np.ndarray
+
+
+def scene_cells(objects: Sequence[dense.DenseObject], size: tuple[int, int], view_grid: int, grid: int, keep: int,
+                rng: random.Random) -> SceneCells:
+    """Per view: the cells that hold an object's centre (`dense.cell_targets`, raster order, the first `keep`), filled
+    up with random empty cells: what a perfect cell scorer would keep."""
+    labels, cells, masks = [], [], []
+    for window in dense.view_windows(view_grid):
+        t = dense.cell_targets(objects, window, grid)
+        mask = (t["thing/present"][:, 0] > 0) | (t["word/present"][:, 0] > 0)
+        held = np.nonzero(mask)[0].tolist()[:keep]
+        empty = [c for c in range(grid * grid) if c not in held]
+        chosen = sorted(held + rng.sample(empty, keep - len(held)))
+        labels.append(np.stack([t[key][chosen, 0] for key, _ in LABEL_FIELDS], -1))
+        cells.append(chosen)
+        masks.append(mask)
+    return SceneCells(np.stack(labels).astype(np.int64), np.asarray(cells, np.int64), aspect_index(size),
+                      np.stack(masks))
+
+
+class LabelTokens(nn.Module):
+    """Label tokens of kept cells through the model's fusion (its LayerNorm, cell positions and view wrappers).
+
+    `cls_z` [V, len(ASPECTS), dim] is the pre-LayerNorm CLS token of each view per aspect; everything else is the
+    model's: the LLM's input embeddings name the labels, so their gradient trains the words the questions use too.
+    """
+
+    def __init__(self, model: SphinxForConditionalGeneration, tokenize: Callable[[str], list[int]]) -> None:
+        super().__init__()
+        group, _ = selecting_group(model)
+        self.group = group
+        dim = model.config.text_config.hidden_size
+        self.cls_z = nn.Parameter(torch.randn(model.config.num_views, len(ASPECTS), dim) * 0.02)
+        rows = [[[]] + [tokenize(" " + name) for name in names] for _, names in LABEL_FIELDS]
+        width = max(len(r) for field in rows for r in field)
+        classes = max(len(field) for field in rows)
+        ids = torch.zeros(len(rows), classes, width, dtype=torch.long)
+        mask = torch.zeros(len(rows), classes, width)
+        for f, field in enumerate(rows):
+            for k, toks in enumerate(field):
+                ids[f, k, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+                mask[f, k, : len(toks)] = 1.0
+        self.register_buffer("name_ids", ids, persistent=False)  # [F, classes, width]
+        self.register_buffer("name_mask", mask, persistent=False)
+
+    def cell_z(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The pre-LayerNorm label token of each cell. labels [..., F] -> [..., dim]"""
+        z = embeddings.new_zeros((*labels.shape[:-1], embeddings.shape[1]))
+        for f in range(labels.shape[-1]):
+            ids, mask = self.name_ids[f][labels[..., f]], self.name_mask[f][labels[..., f]]  # [..., width]
+            z = z + (embeddings[ids] * mask[..., None].to(embeddings.dtype)).sum(-2)
+        return z
+
+    def forward(self, model: SphinxForConditionalGeneration, labels: torch.Tensor, cells: torch.Tensor,
+                aspects: torch.Tensor) -> torch.Tensor:
+        """labels [B, V, keep, F], cells [B, V, keep], aspects [B] -> image tokens [B, num_image_tokens, dim]"""
+        assert model.fusion is not None
+        b, v, keep, _ = labels.shape
+        z = self.cell_z(model.get_input_embeddings().weight, labels)  # [B, V, keep, dim]
+        cls = self.cls_z[torch.arange(v)[None, :], aspects[:, None]]  # [B, V, dim]
+        z = torch.cat([cls[:, :, None], z], dim=2).reshape(b * v, keep + 1, -1)
+        norm = model.fusion.projections[self.group.name][1]
+        body = model.fusion.place_cells(self.group, norm(z), cells.reshape(b * v, keep))
+        return model.fusion.wrap_views(body)
+
+
+# ----------------------------------------------------------------------------- the two phases' texts
+
+
+def bare_caption(image: WorldImage, rng: random.Random, per_thing: int = 4) -> str:
+    """Pairs and triples whose last word is read off the token the previous words name, in both orders."""
+    parts = []
+    for t in things_of(image):
+        where = cell_name(t.box, image.size)
+        extra = t.size if t.size else t.pose
+        forms = [f"{t.noun} {t.colour}", f"{extra} {t.noun} {t.colour}", f"{t.noun} {where} {t.colour}",
+                 f"{t.colour} {t.noun}", f"{extra} {t.colour} {t.noun}", f"{t.colour} {t.noun} {where}",
+                 f"{t.colour} {t.noun} {extra}"]
+        parts += rng.sample(forms, min(per_thing, len(forms)))
+    for sign in image.words:
+        parts.append(f"{sign.colour} word {sign.word.text.lower()}")
+    rng.shuffle(parts)
+    return " . ".join(parts) + " ." if parts else "nothing ."
+
+
+def dense_dialog(image: WorldImage, rng: random.Random, per_type: int = 4, most: int = 8) -> list[tuple[str, str]]:
+    """Up to `most` distinct VQA and GQA questions of a scene (at most `per_type` of each type), as chat turns with
+    the tasks' own prompts."""
+    pool = []
+    for task, candidates in (("vqa", vqa_candidates(image, rng)), ("gqa", gqa_candidates(image, rng))):
+        for questions in candidates.values():
+            seen: set[str] = set()
+            for q in rng.sample(questions, len(questions)):
+                if q.text not in seen and len(seen) < per_type:
+                    seen.add(q.text)
+                    pool.append((task, q))
+    rng.shuffle(pool)
+    turns: list[tuple[str, str]] = []
+    for task, q in pool[:most]:
+        built = typed_task(task, VQATask).build(q.text, q.answer, seed=rng.randrange(1 << 30), key=q.text)
+        turns += [(t["from"], t["value"]) for t in built]
+    return turns
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class BindingPlan:
+    """Steps of each phase, scenes per step, peak lr; `threads` for torch (None: leave as is)."""
+
+    bare_steps: int = 400
+    dialog_steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 20
+
+    def __post_init__(self) -> None:
+        if self.bare_steps < 0 or self.dialog_steps < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise SphinxError(f"bad binding plan {self}: steps >= 0, batch_size >= 1, lr > 0")
+
+
+def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), length), pad, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for i, (x, y) in enumerate(items):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return ids, labels, mask
+
+
+class BindingData:
+    """Training items of both phases from a list of scenes (labels only), drawn in order, cycling."""
+
+    def __init__(self, model: SphinxForConditionalGeneration, processor: SphinxProcessor,
+                 scenes: Sequence[WorldImage], seed: int) -> None:
+        if not scenes:
+            raise SphinxError("binding needs at least one scene")
+        group, grid = selecting_group(model)
+        assert group.keep is not None
+        self.processor, self.scenes, self.keep, self.grid = processor, list(scenes), group.keep, grid
+        self.view_grid = model.config.view_grid
+        self.rng = random.Random(seed)
+        self.next = 0
+
+    def item(self, image: WorldImage, dialog: bool) -> tuple[list[int], list[int], SceneCells]:
+        cells = scene_cells(dense.dense_objects(image), image.size, self.view_grid, self.grid, self.keep, self.rng)
+        if dialog:
+            turns = dense_dialog(image, self.rng)
+            if turns:
+                ids, labels = self.processor.encode_conversation(turns, True)
+                return ids, labels, cells
+        ids, labels = self.processor.encode_caption(bare_caption(image, self.rng), True)
+        return ids, labels, cells
+
+    def batch(self, size: int, dialog: bool) -> dict[str, torch.Tensor]:
+        items = []
+        for _ in range(size):
+            items.append(self.item(self.scenes[self.next % len(self.scenes)], dialog))
+            self.next += 1
+        ids, labels, mask = _batch([(i, lab) for i, lab, _ in items], self.processor.tokenizer.eos_token_id)
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "cell_labels": torch.from_numpy(np.stack([c.labels for _, _, c in items])),
+                "cells": torch.from_numpy(np.stack([c.cells for _, _, c in items])),
+                "aspects": torch.tensor([c.aspect for _, _, c in items])}
+
+
+def binding_loss(model: SphinxForConditionalGeneration, tokens: LabelTokens, batch: dict[str, torch.Tensor]
+                 ) -> torch.Tensor:
+    """The answer / caption loss of a batch whose images are label tokens."""
+    image = tokens(model, batch["cell_labels"], batch["cells"], batch["aspects"])
+    embeds = model.embed_inputs(batch["input_ids"], None, image_features=image)
+    return model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                labels=batch["labels"]).loss
+
+
+def train_binding(model: SphinxForConditionalGeneration, processor: SphinxProcessor, scenes: Sequence[WorldImage],
+                  plan: BindingPlan, seed: int = 0, bf16: bool = True) -> tuple[LabelTokens, list[float]]:
+    """Both phases on `model` in place (the LLM and the fusion's LayerNorm, cell positions and view vectors train;
+    the encoders, the projection's Linear and the scorer do not). Returns the label tokens and the loss curve."""
+    torch.manual_seed(seed)
+    tokens = LabelTokens(model, lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    data = BindingData(model, processor, scenes, seed)
+    assert model.fusion is not None
+    group = tokens.group
+    fusion_params = [*model.fusion.projections[group.name][1].parameters(), model.fusion.cell_pos[group.name],
+                     model.fusion.start_img, model.fusion.end_img]
+    params = [*model.language_model.parameters(), *fusion_params, tokens.cls_z]
+    opt = torch.optim.AdamW(params, lr=plan.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    losses: list[float] = []
+    total, start = plan.bare_steps + plan.dialog_steps, time.perf_counter()
+    for step in range(total):
+        for g in opt.param_groups:
+            g["lr"] = plan.lr * min(1.0, (step + 1) / max(1, plan.warmup))
+        batch = data.batch(plan.batch_size, dialog=step >= plan.bare_steps)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = binding_loss(model, tokens, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if (step + 1) % 50 == 0 or step + 1 == total:
+            phase = "bare" if step < plan.bare_steps else "dialogs"
+            log.info("binding (%s) step %d/%d loss %.4f (%.1fs)", phase, step + 1, total,
+                     sum(losses[-50:]) / len(losses[-50:]), time.perf_counter() - start)
+    model.eval()
+    return tokens, losses
+
+
+# ----------------------------------------------------------------------------- real features onto label tokens
+
+
+@dataclass
+class ProjectorFit:
+    """What `fit_projector` measured: R^2 of the projection on its training cells, the scorer's cell accuracy."""
+
+    r2: float
+    scorer_accuracy: float
+    cells: int
+
+
+def fit_projector(model: SphinxForConditionalGeneration, tokens: LabelTokens,
+                  features: Sequence[dict[str, torch.Tensor]], images: Sequence[WorldImage], seed: int = 0,
+                  ridge: float = 10.0, scorer_steps: int = 100) -> ProjectorFit:
+    """Set the projection's Linear so that real features land on the label tokens, and the cell scorer to the cells
+    that hold an object.
+
+    `features[i]` are image i's cached encoder outputs ({encoder: [V, T, C]}). The projection is a ridge regression
+    (on standardised channels, folded back) from each view's CLS and label-kept cells to their pre-LayerNorm label
+    tokens; the scorer a logistic regression of "holds an object" on every cell. A constant (blank) cache gives the
+    mean token.
+    """
+    if len(features) != len(images) or not images:
+        raise SphinxError(f"fit_projector needs one feature set per image, got {len(features)} and {len(images)}")
+    group, grid = selecting_group(model)
+    assert model.fusion is not None and group.keep is not None
+    rng = random.Random(seed)
+    emb = model.get_input_embeddings().weight.detach().float()
+    xs, zs, present, all_cells = [], [], [], []
+    with torch.no_grad():
+        for feats, image in zip(features, images):
+            fused = model.fusion.group_tokens(group, grid, {k: v.float() for k, v in feats.items()})  # [V, 1+G*G, C]
+            cells = scene_cells(dense.dense_objects(image), image.size, model.config.view_grid, grid, group.keep, rng)
+            v = fused.shape[0]
+            lab = torch.from_numpy(cells.labels)
+            idx = torch.from_numpy(cells.cells)
+            kept = fused[:, 1:].gather(1, idx[..., None].expand(-1, -1, fused.shape[-1]))  # [V, keep, C]
+            xs.append(torch.cat([fused[:, :1], kept], 1).reshape(-1, fused.shape[-1]))
+            cls = tokens.cls_z.detach()[torch.arange(v), cells.aspect]  # [V, dim]
+            zs.append(torch.cat([cls[:, None], tokens.cell_z(emb, lab)], 1).reshape(-1, emb.shape[1]))
+            present.append(torch.from_numpy(cells.held.astype(np.float32)).reshape(-1))
+            all_cells.append(fused[:, 1:].reshape(-1, fused.shape[-1]))
+    x, z = torch.cat(xs).double(), torch.cat(zs).double()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-4)
+    xn = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    w = torch.linalg.solve(xn.T @ xn + ridge * torch.eye(xn.shape[1], dtype=x.dtype), xn.T @ z)  # [C + 1, dim]
+    r2 = 1 - float(((xn @ w - z) ** 2).sum() / ((z - z.mean(0)) ** 2).sum().clamp_min(1e-12))
+    linear = model.fusion.projections[group.name][0]
+    with torch.no_grad():
+        weight = (w[:-1] / sd[:, None]).T  # [dim, C]
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+        linear.bias.copy_((w[-1] - (mu / sd) @ w[:-1]).to(linear.bias.dtype))
+    # the scorer: logistic regression on standardised channels, folded back into the raw-channel Linear
+    cells_x = torch.cat(all_cells).float()
+    target = torch.cat(present)
+    cmu, csd = cells_x.mean(0), cells_x.std(0).clamp_min(1e-4)
+    cx = (cells_x - cmu) / csd
+    sw = torch.zeros(cx.shape[1], requires_grad=True)
+    sb = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([sw, sb], lr=0.05)
+    for _ in range(scorer_steps):
+        loss = F.binary_cross_entropy_with_logits(cx @ sw + sb, target) + 1e-4 * (sw * sw).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = float(((cx @ sw + sb > 0).float() == target).float().mean())
+        scorer = model.fusion.scorers[group.name]
+        scorer.weight.copy_((sw / csd)[None].to(scorer.weight.dtype))
+        scorer.bias.copy_((sb - (cmu / csd) @ sw).reshape(1).to(scorer.bias.dtype))
+    return ProjectorFit(r2=r2, scorer_accuracy=accuracy, cells=len(x))
+
+
+__all__ = ["ASPECTS", "LABEL_FIELDS", "BindingData", "BindingPlan", "LabelTokens", "ProjectorFit", "SceneCells",
+           "aspect_index", "bare_caption", "binding_loss", "dense_dialog", "fit_projector", "scene_cells",
+           "selecting_group", "train_binding"]
