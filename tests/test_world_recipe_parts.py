@@ -34,12 +34,16 @@ from sphinx_mllm.world.encoders import (
 from sphinx_mllm.world.packing import pack_records
 from sphinx_mllm.world.recipe import (
     ARMS,
+    BIND_LR,
+    BIND_PRESET,
+    BINDINGS,
     PLANS,
     READING_LR,
     READING_SCENES,
     READING_TASKS,
     RecipeOptions,
     WorldRecipe,
+    plan_for_binding,
     plan_for_llm,
     plan_for_reading,
 )
@@ -386,7 +390,7 @@ def test_reading_data_step_writes_reading_documents_and_rehearsal_mixtures(
     shutil.copytree(tokenizer_dir, out / "tokenizer")
     plan = replace(plan_for_reading(PLANS["quick"]), reading={"shapes": 6, "people": 2, "signs": 1, "document": 1},
                    image_size=CONFIG.image_size)
-    recipe = WorldRecipe(RecipeOptions(out, plan), runner=lambda argv: None)
+    recipe = WorldRecipe(RecipeOptions(out, plan, bind=False), runner=lambda argv: None)
     recipe.make_data()
     docs = [json.loads(line) for line in (out / "data" / "language" / "text.jsonl").read_text().splitlines()]
     assert docs and all(d["image"] is None for d in docs)
@@ -423,3 +427,41 @@ def test_world_run_refuses_to_export_a_reading_run(tmp_path: Path, capsys: pytes
     argv = ["world", "run", "--reading", "--llm", "smollm2", "--fresh", "--out", str(tmp_path / "r")]
     assert cli_main(argv) == 2
     assert "already does" in capsys.readouterr().err and (tmp_path / "r").is_dir()
+
+
+# ----------------------------------------------------------------------------- binding (the default)
+
+
+def test_binding_is_the_tiny_llms_default_and_replaces_the_language_stage(tmp_path: Path) -> None:
+    assert RecipeOptions(tmp_path, PLANS["quick"]).bind is True
+    assert RecipeOptions(tmp_path, PLANS["quick"], reading=True).bind is False
+    assert RecipeOptions(tmp_path, PLANS["quick"], llm="smollm2").bind is False
+    with pytest.raises(SphinxError, match="replaces --reading"):
+        RecipeOptions(tmp_path, PLANS["quick"], reading=True, bind=True)
+    with pytest.raises(SphinxError, match="pretrained LLM"):
+        RecipeOptions(tmp_path, PLANS["quick"], llm="smollm2", bind=True)
+    recipe = WorldRecipe(RecipeOptions(tmp_path, PLANS["quick"]), runner=lambda argv: None)
+    plan = recipe.plan
+    assert plan == plan_for_binding(PLANS["quick"]) and plan.language is None and plan.binding == BINDINGS["quick"]
+    assert {plan.pretrain_real.lr, plan.pretrain_synthetic.lr, plan.finetune.lr} == {BIND_LR}
+    config = recipe.model_config()
+    assert config.num_image_tokens == SphinxConfig.from_preset(BIND_PRESET, image_size=448).num_image_tokens
+    assert [g.keep for g in config.fusion_groups] == [8]
+    unbound = WorldRecipe(RecipeOptions(tmp_path, PLANS["quick"], bind=False), runner=lambda argv: None)
+    assert unbound.plan.binding is None and unbound.plan.language == PLANS["quick"].language
+    assert all(g.keep is None for g in unbound.model_config().fusion_groups)
+
+
+def test_a_run_refuses_to_resume_with_the_other_binding_and_to_export_without_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "options.json").write_text(json.dumps({"seed": 0, "llm": "tiny", "reading": False, "bind": False,
+                                                  "plan": {"name": "quick"}}))
+    (out / "steps.json").write_text(json.dumps({"tokenizer": {"seconds": 0.1, "result": {}}}))
+    assert cli_main(["world", "run", "--quick", "--out", str(out)]) == 2
+    assert "Resume it with --no-bind" in capsys.readouterr().err
+    assert cli_main(["world", "run", "--no-bind", "--fresh", "--out", str(out), "--export", str(tmp_path / "x")]) == 2
+    assert "--no-bind" in capsys.readouterr().err and (out / "options.json").is_file()  # refused before --fresh
+    assert cli_main(["world", "run", "--bind", "--reading", "--out", str(out)]) == 2
+    assert "replaces --reading" in capsys.readouterr().err

@@ -33,12 +33,16 @@ def _generate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import shutil
 
-    from sphinx_mllm.world.recipe import PLANS, plan_for_llm, plan_for_reading, run_recipe
+    from sphinx_mllm.world.recipe import PLANS, RecipeOptions, plan_for_llm, plan_for_reading, run_recipe
 
     if args.export is not None and args.quick:  # before --fresh deletes anything
         raise SphinxError("--export ships the default plan's model; drop --quick")
     if args.reading:  # the plan's own check, before --fresh deletes anything
         plan_for_reading(plan_for_llm(PLANS["default"], args.llm))
+    RecipeOptions(args.out, PLANS["default"], llm=args.llm, reading=args.reading, bind=args.bind)  # its checks too
+    if args.export is not None and args.bind is False:
+        raise SphinxError("--export ships the default recipe's model (its card's command has no --no-bind); drop "
+                          "--no-bind, or export a --no-bind run later with `sphinx-mllm world export`")
     if args.export is not None and args.reading:
         raise SphinxError("--export ships the default recipe's model (its card's command has no --reading); drop "
                           "--reading, or export a --reading run later with `sphinx-mllm world export`")
@@ -46,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     summary = run_recipe(args.out, quick=args.quick, seed=args.seed, blind=not args.no_blind,
-                         runner=in_process, llm=args.llm, reading=args.reading)
+                         runner=in_process, llm=args.llm, reading=args.reading, bind=args.bind)
     for row in summary["targets"]:
         value = "-" if row["value"] is None else f"{row['value']:.3f}"
         print(f"{row['metric']:>28s}  {value:>6s}  (target {row['target']:.2f})  {'met' if row['met'] else 'NOT met'}")
@@ -212,7 +216,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the whole recipe on a world: encoders, projector, caption pre-training, mixing, fine-tuning, "
         "evaluation, blind twin, report",
         description="Generate a world, train its tokenizer, pre-train and freeze three encoders, then train the "
-        "LLM stages of SPHINX (projector warm-up, real then synthetic caption pre-training, weight mixing, "
+        "LLM stages of SPHINX (binding on label tokens and a fitted projector, real then synthetic caption "
+        "pre-training, weight mixing, "
         "multi-task fine-tuning), evaluate every task against a blind twin, and write OUT/report.md. Every "
         "step is an ordinary sphinx-mllm command (listed in OUT/commands.sh); a rerun resumes after the last "
         "finished step.",
@@ -230,6 +235,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the tiny LLM first learns to answer from a scene written in words (reading documents), keeps "
                    "doing so in the image stages (a quarter of their batches, lr 5e-4), and the image stages then "
                    "train an LLM that reads its context (docs/world_report.md, fourth round)")
+    r.add_argument("--bind", action=argparse.BooleanOptionalAction, default=None,
+                   help="on by default for the tiny LLM without --reading: it first learns to read label tokens of "
+                   "fresh scenes (bare captions, then dense dialogs) on the preset that keeps each view's salient "
+                   "cells, and the projection is then fitted onto them (docs/world_report.md, tenth round); "
+                   "--no-bind runs the ninth round's recipe (a text-only language stage and a projector warm-up)")
     r.add_argument("--export", type=Path, default=None, metavar="DIR",
                    help="after the run, write its fine-tuned model as a shipped folder (bfloat16, < 20 MB, with "
                    "its card and held-out numbers), e.g. src/sphinx_mllm/world/checkpoint")

@@ -9,16 +9,22 @@ Steps, each one the project's ordinary command or library call (every command is
 3. `encoders`: pre-train the preset's three encoders by three paradigms and freeze them (`world.encoders`);
    save the initial model (random LLM; with `--llm smollm2`, SmolLM2's weights) as `init/`.
 4. `features`: cache the frozen encoders' outputs once (`sphinx-mllm cache-features`).
-   `language`: the from-scratch LLM first learns the world's language on text alone (every task's dialogs
-   without their images, `sphinx-mllm train`), standing in for the pretrained LLaMA that SPHINX starts from.
-   Behind 260 image tokens a random LLM does not even learn which word of a question asks for what within a
+   `bind` (the default for the tiny LLM; `plan_for_binding`, `world.binding`): on the preset that keeps each
+   view's salient cells (`BIND_PRESET`), the from-scratch LLM learns to read *label tokens* of fresh scenes (the
+   sum of its own embeddings of the words naming each cell's object), first in bare captions, then in dense VQA /
+   GQA dialogs. It replaces the language stage below and serves both arms. Then each arm's `fit` maps its cached
+   real features onto the label tokens (ridge regression of the projection, logistic regression of the cell
+   scorer) in place of the projector warm-up, and the later stages keep both frozen (`BIND_FROZEN`).
+   `language` (with `--no-bind`): the from-scratch LLM first learns the world's language on text alone (every
+   task's dialogs without their images, `sphinx-mllm train`), standing in for the pretrained LLaMA that SPHINX
+   starts from. Behind 260 image tokens a random LLM does not even learn which word of a question asks for what within a
    few hundred steps (measured, docs/world_report.md); on short text-only sequences it does in ~100. One run
    serves both arms (no images in it); skipped with a pretrained LLM (`--llm smollm2`). With `--reading`
    (`plan_for_reading`) it reads scenes written in words followed by their dialogs (`world.reading`), and the
    same documents make up a quarter of the caption and fine-tuning batches below, at a lower LLM lr.
 5. for the sighted model and its **blind twin** (every image replaced by a blank one, i.e. zeroed pixels):
-   `projector` warm-up (`sphinx-mllm train`, stage projector), `pretrain_real` on real-domain captions
-   with the LLM unfrozen, `pretrain_synthetic` continuing on synthetic captions, `mix` of the two
+   `projector` warm-up (`sphinx-mllm train`, stage projector; `fit` when binding), `pretrain_real` on
+   real-domain captions with the LLM unfrozen, `pretrain_synthetic` continuing on synthetic captions, `mix` of the two
    (`sphinx-mllm mix --beta`), `finetune` on the packed multi-task mixture, `evaluate` every task with its
    real metric (`sphinx-mllm eval run`) on a seeded subset of the held-out records.
 6. `report`: Markdown + JSON + PNG plots (`world.report`).
@@ -46,12 +52,14 @@ from typing import Any
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from sphinx_mllm.config import SphinxConfig
 from sphinx_mllm.processing import SphinxProcessor, load_tokenizer
 from sphinx_mllm.processing.image import PAD_FILL
 from sphinx_mllm.tasks import TASKS
 from sphinx_mllm.utils import SphinxError, atomic_write_jsonl, atomic_write_text, get_logger
+from sphinx_mllm.world.binding import BindingPlan, LabelTokens, fit_projector, train_binding
 from sphinx_mllm.world.canvas import derive_seed
 from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders, probe_encoders
 from sphinx_mllm.world.generate import WorldConfig, ensure_world
@@ -74,7 +82,11 @@ Runner = Callable[[Sequence[str]], None]
 """Runs one `sphinx-mllm` command line (without the program name); raises on failure."""
 ARMS: tuple[str, ...] = ("sighted", "blind")
 PRESET = "world-tiny"
+BIND_PRESET = "world-tiny-keep"
+"""`--bind`: the preset that keeps each view's salient cells (`FusionGroup.keep`), which binding needs."""
 BLANK_IMAGE = "blank.png"
+LABEL_TOKENS = "label_tokens.safetensors"
+"""`--bind`: the binding stage's learned CLS label tokens, beside its model (`OUT/bind/final`)."""
 LLMS: tuple[str, ...] = ("tiny", "smollm2")
 """`--llm`: the preset's small LLM trained from scratch, or the pretrained SmolLM2-135M-Instruct (`world.smollm2`)."""
 SMOLLM2_DIR = "smollm2"
@@ -118,6 +130,8 @@ class RecipePlan:
     shuffle_items: int = 64  # held-out VQA / REC items of the shuffle check
     image_size: int = 448
     vocab_size: int = 1024
+    binding: BindingPlan | None = None  # `--bind`: label-token binding instead of the language stage
+    bind_scenes: Mapping[str, int] | None = None  # fresh scenes per kind of the binding stage
 
 
 _ALL_TASKS_EVAL = {"vqa": 150, "gqa": 60, "rec": 120, "reg": 40, "relation": 40, "caption": 24,
@@ -188,10 +202,17 @@ class RecipeOptions:
     blind: bool = True
     llm: str = "tiny"
     reading: bool = False  # the fourth round's LLM schedule (`plan_for_reading`)
+    bind: bool | None = None  # the tenth round's label-token binding (`plan_for_binding`); None: on for the tiny
+    # LLM without --reading (the default recipe since 2026-12-06), off otherwise
 
     def __post_init__(self) -> None:
         if self.llm not in LLMS:
             raise SphinxError(f"unknown LLM {self.llm!r}; choose one of {', '.join(LLMS)}")
+        if self.bind is None:
+            object.__setattr__(self, "bind", self.llm == "tiny" and not self.reading)
+        if self.bind and (self.reading or self.llm != "tiny"):
+            raise SphinxError("--bind teaches the from-scratch tiny LLM to read image tokens; it replaces --reading "
+                              "and does not apply to a pretrained LLM (--llm smollm2)")
 
 
 SMOLLM2_LR = 1e-4
@@ -246,6 +267,32 @@ def plan_for_reading(plan: RecipePlan) -> RecipePlan:
                    pretrain_real=replace(plan.pretrain_real, lr=READING_LR),
                    pretrain_synthetic=replace(plan.pretrain_synthetic, lr=READING_LR),
                    finetune=replace(plan.finetune, lr=READING_LR))
+
+
+BINDINGS: dict[str, BindingPlan] = {"default": BindingPlan(300, 200), "quick": BindingPlan(60, 40)}
+"""`--bind`: steps of the bare-caption and dialog phases of the binding stage (`world.binding`)."""
+BIND_SCENES: dict[str, dict[str, int]] = {"default": {"shapes": 6000, "people": 2000, "signs": 1000},
+                                          "quick": {"shapes": 1200, "people": 400, "signs": 200}}
+"""`--bind`: fresh scenes per kind (labels only) of the binding stage; pages have no VQA questions."""
+BIND_LR = 5e-4
+"""`--bind`: peak lr of the stages that train the LLM on real features after binding (as `--reading`'s)."""
+BIND_FROZEN: tuple[str, ...] = ("fusion.projections.*", "fusion.scorers.*")
+"""`--bind`: what the stages after the fit keep frozen. The fitted projection is what puts the real features where the
+bound LLM reads; trained on (16 steps of projector warm-up on captions, or fine-tuning at 5e-4) it moves away and the
+reading is gone (held-out VQA exact answers 0.23 -> 0.06; with it frozen the fine-tuned model keeps 0.32 against
+0.12 with swapped images: docs/world_report.md, tenth round)."""
+
+
+def plan_for_binding(plan: RecipePlan) -> RecipePlan:
+    """`plan` with the tenth round's LLM schedule (docs/world_report.md): no text-only language stage; the LLM
+    learns to read label tokens first (`world.binding`), the projection is fitted onto them, and the later stages
+    train the LLM at a lower lr."""
+    if plan.language is None:
+        raise SphinxError("--bind teaches the from-scratch LLM to read image tokens; a pretrained LLM does already")
+    return replace(plan, language=None, binding=BINDINGS[plan.name], bind_scenes=BIND_SCENES[plan.name],
+                   pretrain_real=replace(plan.pretrain_real, lr=BIND_LR),
+                   pretrain_synthetic=replace(plan.pretrain_synthetic, lr=BIND_LR),
+                   finetune=replace(plan.finetune, lr=BIND_LR))
 
 
 TARGETS: dict[str, dict[str, float]] = {
@@ -336,6 +383,8 @@ class WorldRecipe:
         self.plan = plan_for_llm(options.plan, options.llm)
         if options.reading:
             self.plan = plan_for_reading(self.plan)
+        if options.bind:
+            self.plan = plan_for_binding(self.plan)
         self.out = options.out
         self.runner = runner
         self.world = self.out / "world"
@@ -396,7 +445,8 @@ class WorldRecipe:
     def model_config(self) -> SphinxConfig:
         """The preset; with `--llm smollm2`, its encoders, fusion and views around SmolLM2's LLaMA config."""
         llm = {"text_config": text_config_of(self.out / SMOLLM2_DIR)} if self.o.llm == "smollm2" else {}
-        return SphinxConfig.from_preset(PRESET, image_size=self.plan.image_size, **llm)
+        preset = BIND_PRESET if self.plan.binding is not None else PRESET
+        return SphinxConfig.from_preset(preset, image_size=self.plan.image_size, **llm)
 
     def make_encoders(self) -> dict[str, Any]:
         from sphinx_mllm.modeling import SphinxForConditionalGeneration
@@ -557,6 +607,7 @@ class WorldRecipe:
             "model": {"name": str(model), "dtype": "float32"},
             "data": data,
             "stage": stage,
+            **({"frozen": list(BIND_FROZEN)} if self.plan.binding is not None and arm != "shared" else {}),
             "optim": {"lr": spec.lr, "warmup_steps": spec.warmup, "min_lr_ratio": 0.1, "grad_clip": 1.0},
             "run": {"output_dir": str(out), "max_steps": spec.steps, "log_every": max(1, min(10, spec.steps // 10)),
                     "seed": self.o.seed, "bf16": True, "parallel": "none", "device": "cpu"},
@@ -602,16 +653,64 @@ class WorldRecipe:
         loss = held_out_loss(model, processor, mixture, limit=self.plan.shuffle_items, batch_size=8)
         return loss.as_dict()
 
+    def make_binding(self) -> dict[str, Any]:
+        """The shared binding stage (`world.binding`): the initial model reads label tokens of fresh scenes; saved
+        as `OUT/bind/final` with its label tokens' CLS vectors (`label_tokens.safetensors`)."""
+        from sphinx_mllm.modeling import SphinxForConditionalGeneration
+
+        assert self.plan.binding is not None and self.plan.bind_scenes is not None
+        model = SphinxForConditionalGeneration.from_pretrained(self.out / "init")
+        processor = SphinxProcessor.from_pretrained(self.out / "init")
+        scenes = reading_scenes(self.o.seed, self.plan.bind_scenes, self.plan.image_size)
+        random.Random(derive_seed(self.o.seed, "bind")).shuffle(scenes)
+        tokens, losses = train_binding(model, processor, scenes, self.plan.binding, seed=self.o.seed)
+        final = self.out / "bind" / "final"
+        model.save_pretrained(final)
+        processor.save_pretrained(final)
+        save_file({"cls_z": tokens.cls_z.detach().contiguous()}, str(final / LABEL_TOKENS))
+        atomic_write_text(self.out / "bind" / "losses.json", json.dumps(losses) + "\n")
+        return {"final": str(final), "steps": len(losses), "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+    def fit_arm(self, arm: str) -> dict[str, Any]:
+        """The arm's projection and cell scorer fitted from its feature cache onto the label tokens
+        (`binding.fit_projector`); the blind arm's cache holds the blank image only, so it gets the mean token."""
+        from sphinx_mllm.modeling import SphinxForConditionalGeneration
+        from sphinx_mllm.training.feature_cache import FeatureCache
+        from sphinx_mllm.world.encoders import sample_split, world_config_of
+
+        bound = self.out / "bind" / "final"
+        model = SphinxForConditionalGeneration.from_pretrained(bound)
+        processor = SphinxProcessor.from_pretrained(bound)
+        tokens = LabelTokens(model, lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        tokens.cls_z.data.copy_(load_file(str(bound / LABEL_TOKENS))["cls_z"])
+        cache = FeatureCache(self.arm_paths(arm)["features"])
+        images = sample_split(world_config_of(self.world), "train")
+        if arm == "sighted":
+            feats = [cache.features_for_image(str(self.world / "images" / "train" / f"{im.name}.png")) for im in images]
+        else:
+            blank = cache.features_for_image(str(self.arm_paths(arm)["images"] / BLANK_IMAGE))
+            feats = [blank] * len(images)
+        fit = fit_projector(model, tokens, feats, images, seed=self.o.seed)
+        out = self.arm_dir(arm) / "fit"
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        return {"final": str(out), **asdict(fit)}
+
     def run_arm(self, arm: str) -> None:
         """The LLM stages of one arm, from the feature cache `run` made for it before the arms split the cores."""
         plan, paths, base = self.plan, self.arm_paths(arm), self.arm_dir(arm)
         caption_len = 384
         start = self.out / "language" / "final" if plan.language is not None else self.out / "init"
-        self.step(f"{arm}/projector", lambda: self.train_stage(
-            arm, "projector", "projector", plan.projector, start, paths["pretrain_synthetic"], caption_len))
+        if plan.binding is not None:  # the fitted projection is the warm-up, and stays frozen (`BIND_FROZEN`)
+            self.step(f"{arm}/fit", lambda: self.fit_arm(arm))
+            warm = base / "fit"
+        else:
+            self.step(f"{arm}/projector", lambda: self.train_stage(
+                arm, "projector", "projector", plan.projector, start, paths["pretrain_synthetic"], caption_len))
+            warm = base / "projector" / "final"
         self.step(f"{arm}/pretrain_real", lambda: self.train_stage(
-            arm, "pretrain_real", "pretrain", plan.pretrain_real, base / "projector" / "final",
-            self.stage_mixture(arm, "pretrain_real"), caption_len))
+            arm, "pretrain_real", "pretrain", plan.pretrain_real, warm, self.stage_mixture(arm, "pretrain_real"),
+            caption_len))
         self.step(f"{arm}/pretrain_synthetic", lambda: self.train_stage(
             arm, "pretrain_synthetic", "pretrain", plan.pretrain_synthetic, base / "pretrain_real" / "final",
             self.stage_mixture(arm, "pretrain_synthetic"), caption_len))
@@ -652,6 +751,11 @@ class WorldRecipe:
             if before != self.o.llm:
                 raise SphinxError(f"{self.out} holds a run with --llm {before}; resuming it with --llm {self.o.llm} "
                                   "would mix the two. Use another --out, or --fresh to start over")
+            if stored.get("bind", False) != self.o.bind:  # runs from before the option did not bind
+                flag = "--bind" if stored.get("bind", False) else "--no-bind"
+                raise SphinxError(f"{self.out} holds a run made with {flag} (binding is the tiny LLM's default "
+                                  "since 2026-12-06); resuming it the other way would mix the two. Resume it with "
+                                  f"{flag}, use another --out, or --fresh to start over")
             if stored.get("reading", False) != self.o.reading:
                 flag = "with" if stored.get("reading", False) else "without"
                 raise SphinxError(f"{self.out} holds a run {flag} --reading; resuming it the other way would mix "
@@ -668,13 +772,15 @@ class WorldRecipe:
         self._check_llm()
         atomic_write_text(self.out / "options.json", json.dumps(
             {"plan": asdict(self.plan), "seed": self.o.seed, "blind": self.o.blind, "llm": self.o.llm,
-             "reading": self.o.reading},
+             "reading": self.o.reading, "bind": self.o.bind},
             indent=1, default=str) + "\n")
         start = time.perf_counter()
         self.step("world", self.make_world)
         self.step("tokenizer", self.make_tokenizer)
         self.step("encoders", self.make_encoders)
         self.step("data", self.make_data)
+        if self.plan.binding is not None:
+            self.step("bind", self.make_binding)
         if self.plan.language is not None:
             self.step("language", lambda: self.train_stage(
                 "shared", "language", "pretrain", self.plan.language, self.out / "init",
@@ -690,12 +796,15 @@ class WorldRecipe:
 
 
 def run_recipe(out: str | os.PathLike, quick: bool = False, seed: int = 0, blind: bool = True,
-               runner: Runner = cli_runner, llm: str = "tiny", reading: bool = False) -> dict[str, Any]:
-    """Run the world recipe into `out` (see the module docstring) and return its summary."""
-    options = RecipeOptions(Path(out), PLANS["quick" if quick else "default"], seed, blind, llm, reading)
+               runner: Runner = cli_runner, llm: str = "tiny", reading: bool = False, bind: bool | None = None
+               ) -> dict[str, Any]:
+    """Run the world recipe into `out` (see the module docstring) and return its summary (`bind` None: the
+    default, on for the tiny LLM without `reading`)."""
+    options = RecipeOptions(Path(out), PLANS["quick" if quick else "default"], seed, blind, llm, reading, bind)
     return WorldRecipe(options, runner).run()
 
 
-__all__ = ["ARMS", "LLMS", "PLANS", "PRESET", "READING_LR", "READING_SCENES", "READING_TASKS", "SMOLLM2_LR",
-           "SMOLLM2_MICRO_BATCH", "TARGETS", "RecipeOptions", "RecipePlan", "Stage", "WorldRecipe", "cli_runner",
-           "evaluate_task", "held_out_records", "plan_for_llm", "plan_for_reading", "run_recipe"]
+__all__ = ["ARMS", "BINDINGS", "BIND_LR", "BIND_PRESET", "BIND_SCENES", "LABEL_TOKENS", "LLMS", "PLANS", "PRESET",
+           "READING_LR", "READING_SCENES", "READING_TASKS", "SMOLLM2_LR", "SMOLLM2_MICRO_BATCH", "TARGETS",
+           "RecipeOptions", "RecipePlan", "Stage", "WorldRecipe", "cli_runner", "evaluate_task", "held_out_records",
+           "plan_for_binding", "plan_for_llm", "plan_for_reading", "run_recipe"]

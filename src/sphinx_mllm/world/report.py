@@ -93,6 +93,15 @@ def plot_stage_curves(out: Path, arms: Sequence[str], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.4))
     drawn = False
     for ax, stage in zip(axes, STAGES):
+        bind = out / "bind" / "losses.json"
+        if stage == "language" and bind.is_file():  # `--bind`: the binding stage stands in for the language stage
+            losses = json.loads(bind.read_text())
+            ax.plot(range(1, len(losses) + 1), losses, label="both arms (binding)", color="tab:green", linewidth=0.8)
+            ax.set_title("bind")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            drawn = True
+            continue
         for arm in arms if stage != "language" else ["both arms"]:
             folder = out / stage if stage == "language" else out / arm / stage
             records = [r for r in _read_jsonl(folder / "metrics.jsonl") if math.isfinite(r.get("loss", math.nan))]

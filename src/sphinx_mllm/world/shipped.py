@@ -138,7 +138,8 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike = CHECKPOIN
             "reproduce": f"sphinx-mllm world run --fresh --out runs/world --seed {options['seed']} --export "
                          f"{_shown_path(Path(out))}",
             "source": {"plan": plan["name"], "seed": options["seed"], "llm": options.get("llm", "tiny"),
-                       "commit": _commit(), "run_minutes": round(report.get("seconds", 0) / 60, 1)},
+                       "bind": options.get("bind", False), "commit": _commit(),
+                       "run_minutes": round(report.get("seconds", 0) / 60, 1)},
             "world": {**WorldConfig(seed=manifest["seed"], size=manifest["size"], image_size=manifest["image_size"],
                                     ocr_max_words=manifest["ocr_max_words"],
                                     counts=manifest["counts"]).as_dict(),
