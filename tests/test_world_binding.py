@@ -21,6 +21,7 @@ from sphinx_mllm.world.binding import (
     bare_caption,
     dense_dialog,
     fit_projector,
+    init_cell_positions,
     scene_cells,
     train_binding,
 )
@@ -112,6 +113,19 @@ def test_binding_trains_the_llm_and_not_the_encoders(processor: SphinxProcessor)
     assert "fusion.cell_pos.visual_proj" in changed
     assert not any(k.startswith("vision.") for k in changed)
     assert not any(k.startswith(("fusion.projections.visual_proj.0.", "fusion.scorers.")) for k in changed)
+
+
+def test_cell_positions_start_from_the_words_of_where_the_cell_lies(processor: SphinxProcessor) -> None:
+    """The global view's top-left cell and the first sub-view's (both "top left") start alike; the global view's
+    top-left and bottom-right cells do not; the noise keeps two cells of one region apart."""
+    model = _model(len(processor.tokenizer))
+    init_cell_positions(model, lambda t: processor.tokenizer(t, add_special_tokens=False)["input_ids"], noise=0.1)
+    table = model.fusion.cell_pos["visual_proj"].detach()  # [V, 49, dim]
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(table[0, 0], table[1, 0], dim=0) > 0.9  # top left, in the global view and the top-left sub-view
+    assert cos(table[0, 0], table[0, 48], dim=0) < 0.5  # top left against bottom right
+    assert not torch.equal(table[0, 0], table[0, 1])  # one region, two cells
+    assert table.std().item() == pytest.approx(0.5, rel=0.2)
 
 
 def test_fit_projector_recovers_a_linear_map_of_the_label_tokens(processor: SphinxProcessor) -> None:

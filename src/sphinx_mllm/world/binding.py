@@ -46,7 +46,7 @@ from sphinx_mllm.world.language import cell as cell_name
 from sphinx_mllm.world.language import things_of
 from sphinx_mllm.world.questions import gqa_candidates, vqa_candidates
 from sphinx_mllm.world.scene import PAGE_RATIOS, WorldImage
-from sphinx_mllm.world.vocab import COLOURS, POSES
+from sphinx_mllm.world.vocab import COLOURS, POSES, POSITIONS
 
 log = get_logger(__name__)
 
@@ -200,6 +200,7 @@ class BindingPlan:
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 20
+    position_words: bool = True  # start the kept cells' position embeddings from their 3 x 3 position's words
 
     def __post_init__(self) -> None:
         if self.bare_steps < 0 or self.dialog_steps < 0 or self.batch_size < 1 or not self.lr > 0:
@@ -263,12 +264,39 @@ def binding_loss(model: SphinxForConditionalGeneration, tokens: LabelTokens, bat
                                 labels=batch["labels"]).loss
 
 
+def init_cell_positions(model: SphinxForConditionalGeneration, tokenize: Callable[[str], list[int]],
+                        scale: float = 0.5, noise: float = 0.25, seed: int = 0) -> None:
+    """Set the kept cells' position embeddings (`fusion.cell_pos`) to the LLM's embeddings of the words naming
+    where the cell lies in the image ("top left", "center": the position questions' answers, in the square frame),
+    standardised to `scale` per channel, plus `noise` so that cells of one region stay apart. Position is then
+    read like colour; it comes after the projection, so real features carry it as the label tokens do."""
+    group, grid = selecting_group(model)
+    assert model.fusion is not None
+    table = model.fusion.cell_pos[group.name]  # [V, G*G, dim]
+    emb = model.get_input_embeddings().weight.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for x0, y0, side in dense.view_windows(model.config.view_grid):
+        for cell in range(grid * grid):
+            x = x0 + (cell % grid + 0.5) / grid * side
+            y = y0 + (cell // grid + 0.5) / grid * side
+            name = POSITIONS[min(2, int(y * 3))][min(2, int(x * 3))]
+            rows.append(emb[tokenize(" " + name)].sum(0))
+    words = torch.stack(rows)  # [V * G*G, dim]
+    words = (words - words.mean(-1, keepdim=True)) / words.std(-1, keepdim=True).clamp_min(1e-6) * scale
+    with torch.no_grad():
+        table.copy_((words.reshape(table.shape) + noise * torch.randn(table.shape, generator=gen)).to(table.dtype))
+
+
 def train_binding(model: SphinxForConditionalGeneration, processor: SphinxProcessor, scenes: Sequence[WorldImage],
                   plan: BindingPlan, seed: int = 0, bf16: bool = True) -> tuple[LabelTokens, list[float]]:
     """Both phases on `model` in place (the LLM and the fusion's LayerNorm, cell positions and view vectors train;
     the encoders, the projection's Linear and the scorer do not). Returns the label tokens and the loss curve."""
     torch.manual_seed(seed)
-    tokens = LabelTokens(model, lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    tokenize = lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    tokens = LabelTokens(model, tokenize)
+    if plan.position_words:
+        init_cell_positions(model, tokenize, seed=seed)
     data = BindingData(model, processor, scenes, seed)
     assert model.fusion is not None
     group = tokens.group
@@ -373,5 +401,5 @@ def fit_projector(model: SphinxForConditionalGeneration, tokens: LabelTokens,
 
 
 __all__ = ["ASPECTS", "LABEL_FIELDS", "BindingData", "BindingPlan", "LabelTokens", "ProjectorFit", "SceneCells",
-           "aspect_index", "bare_caption", "binding_loss", "dense_dialog", "fit_projector", "scene_cells",
-           "selecting_group", "train_binding"]
+           "aspect_index", "bare_caption", "binding_loss", "dense_dialog", "fit_projector", "init_cell_positions",
+           "scene_cells", "selecting_group", "train_binding"]
