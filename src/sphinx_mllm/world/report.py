@@ -88,40 +88,40 @@ def _pyplot() -> Any:
 
 
 def plot_stage_curves(out: Path, arms: Sequence[str], path: Path) -> bool:
-    """One panel per LLM stage: training loss against step, one line per arm."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.4))
-    drawn = False
-    for ax, stage in zip(axes, STAGES):
-        bind = out / "bind" / "losses.json"
-        if stage == "language" and bind.is_file():  # `--bind`: the binding stage stands in for the language stage
-            losses = json.loads(bind.read_text())
-            ax.plot(range(1, len(losses) + 1), losses, label="both arms (binding)", color="tab:green", linewidth=0.8)
-            ax.set_title("bind")
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            drawn = True
-            continue
+    """One panel per LLM stage that ran (the binding stage first, when there was one): training loss against
+    step, one line per arm."""
+    panels: list[tuple[str, list[tuple[str, list[float], list[float]]]]] = []
+    bind = out / "bind" / "losses.json"
+    if bind.is_file():  # binding: one shared stage, a loss per step, in place of the language stage
+        losses = json.loads(bind.read_text())
+        panels.append(("bind", [("both arms (binding)", list(range(1, len(losses) + 1)), losses)]))
+    for stage in STAGES:
+        lines = []
         for arm in arms if stage != "language" else ["both arms"]:
             folder = out / stage if stage == "language" else out / arm / stage
             records = [r for r in _read_jsonl(folder / "metrics.jsonl") if math.isfinite(r.get("loss", math.nan))]
             if records:
-                ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=arm,
-                        color={"sighted": "tab:blue", "blind": "tab:gray"}.get(arm, "tab:green"), marker="o",
-                        markersize=2)
-                drawn = True
-        ax.set_title(stage)
+                lines.append((arm, [r["step"] for r in records], [r["loss"] for r in records]))
+        if lines:
+            panels.append((stage, lines))
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, steps, losses in lines:
+            colour = {"sighted": "tab:blue", "blind": "tab:gray"}.get(label, "tab:green")
+            if title == "bind":
+                ax.plot(steps, losses, label=label, color=colour, linewidth=0.8)
+            else:
+                ax.plot(steps, losses, label=label, color=colour, marker="o", markersize=2)
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss per answer token")
-    for ax in axes:
-        if ax.get_lines():
-            ax.legend()
-    if drawn:
-        atomic_write_bytes(path, _figure_png(fig))
-    else:
-        plt.close(fig)
-    return drawn
+        ax.legend()
+    axes[0][0].set_ylabel("loss per answer token")
+    atomic_write_bytes(path, _figure_png(fig))
+    return True
 
 
 def plot_encoder_curves(out: Path, path: Path) -> bool:
