@@ -105,6 +105,9 @@ def test_a_rerun_resumes_after_the_last_finished_step(quick_run: Path) -> None:
     assert cli_main(["world", "run", "--quick", "--out", str(quick_run)]) == 0
     assert time.perf_counter() - start < 60  # nothing retrained: only the report is rewritten
     assert _steps(quick_run) == before
+    # the report's time is the run's, not the resuming call's (which only rewrote the report)
+    assert json.loads((quick_run / "report.json").read_text())["seconds"] >= sum(
+        before[s]["seconds"] for s in ("world", "encoders", "bind"))
 
 
 def test_world_demo_answers_held_out_questions(quick_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

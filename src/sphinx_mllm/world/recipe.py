@@ -766,15 +766,23 @@ class WorldRecipe:
     # ------------------------------------------------------------------------- everything
     def run(self) -> dict[str, Any]:
         """All steps (resuming after the last finished one); returns the summary also written as report.json."""
-        from sphinx_mllm.world.report import write_report
-
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_llm()
         atomic_write_text(self.out / "options.json", json.dumps(
             {"plan": asdict(self.plan), "seed": self.o.seed, "blind": self.o.blind, "llm": self.o.llm,
              "reading": self.o.reading, "bind": self.o.bind},
             indent=1, default=str) + "\n")
+        wall = self.out / "wall_seconds.json"  # wall time of every invocation so far: a resumed run's report
+        before = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0  # counts the first one's too
         start = time.perf_counter()
+        try:
+            return self._run_steps(before, start)
+        finally:
+            atomic_write_text(wall, json.dumps({"seconds": round(before + time.perf_counter() - start, 1)}) + "\n")
+
+    def _run_steps(self, before: float, start: float) -> dict[str, Any]:
+        from sphinx_mllm.world.report import write_report
+
         self.step("world", self.make_world)
         self.step("tokenizer", self.make_tokenizer)
         self.step("encoders", self.make_encoders)
@@ -790,9 +798,8 @@ class WorldRecipe:
             self.step(f"{arm}/features", lambda arm=arm: self.make_features(arm))
         self.run_arms(arms)
         self.step("shuffle_check", self.shuffle_check)
-        summary = write_report(self.out, self.steps, self.plan, TARGETS.get(self.plan.name, {}),
-                               seconds=time.perf_counter() - start)
-        return summary
+        return write_report(self.out, self.steps, self.plan, TARGETS.get(self.plan.name, {}),
+                            seconds=before + time.perf_counter() - start)
 
 
 def run_recipe(out: str | os.PathLike, quick: bool = False, seed: int = 0, blind: bool = True,
