@@ -43,6 +43,7 @@ from sphinx_mllm.world.recipe import (
     READING_TASKS,
     RecipeOptions,
     WorldRecipe,
+    choose_beta,
     plan_for_binding,
     plan_for_llm,
     plan_for_reading,
@@ -465,3 +466,48 @@ def test_a_run_refuses_to_resume_with_the_other_binding_and_to_export_without_it
     assert "--no-bind" in capsys.readouterr().err and (out / "options.json").is_file()  # refused before --fresh
     assert cli_main(["world", "run", "--bind", "--reading", "--out", str(out)]) == 2
     assert "replaces --reading" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- beta chosen on validation captions
+
+
+def test_choose_beta_takes_the_best_worst_domain_margin() -> None:
+    specialists = {"real": {"real": 3.0, "synthetic": 7.0}, "synthetic": {"real": 7.0, "synthetic": 2.0}}
+    # means: real 5.0, synthetic 4.5; margins (worse domain): 0.5 -> 0.2, 0.6 -> 0.7, 0.7 -> -0.1
+    mixed = {0.5: {"real": 4.8, "synthetic": 3.5}, 0.6: {"real": 4.3, "synthetic": 3.8},
+             0.7: {"real": 3.6, "synthetic": 4.6}}
+    assert choose_beta(specialists, mixed) == 0.6
+    assert choose_beta(specialists, {0.4: mixed[0.6], 0.6: mixed[0.6]}) in (0.4, 0.6)  # a tie: nearer 0.5
+    with pytest.raises(SphinxError, match="at least one"):
+        choose_beta(specialists, {})
+
+
+def test_validation_captions_are_held_out_of_both_arms_caption_stages(
+        world: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "world").symlink_to(world)
+    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    plan = replace(PLANS["quick"], beta_grid=(0.5, 0.7), validation_images=3, image_size=CONFIG.image_size)
+    recipe = WorldRecipe(RecipeOptions(out, plan), runner=lambda argv: None)
+    recipe.make_data()
+    for arm in ARMS:
+        paths = recipe.arm_paths(arm)
+        for domain in ("real", "synthetic"):
+            val = MixtureDataset.from_yaml(paths[f"val_caption_{domain}"])
+            train = MixtureDataset.from_yaml(paths[f"pretrain_{domain}"])
+            assert len(val) == 3 and len(train) == len(
+                (world / "train" / f"caption_{domain}.jsonl").read_text().splitlines()) - 3
+            if arm == "sighted":
+                held = {val[i]["image"] for i in range(len(val))}
+                assert len(held) == 3 and not held & {train[i]["image"] for i in range(len(train))}
+                assert all(Path(p).is_file() for p in held)
+            else:
+                assert {val[i]["image"] for i in range(len(val))} == {str(out / "blind" / "data" / "blank.png")}
+    # the same images in both domains
+    ids = {d: {json.loads(line)["image"] for line in (out / "data" / f"val_caption_{d}.jsonl").open()}
+           for d in ("real", "synthetic")}
+    assert ids["real"] == ids["synthetic"]
+    # without a grid, the caption stages read the world's own mixtures and there is no validation split
+    plain = WorldRecipe(RecipeOptions(tmp_path / "plain", PLANS["quick"]), runner=lambda argv: None)
+    assert plain.arm_paths("sighted")["pretrain_real"] == plain.world / "mixtures" / "pretrain_real.yaml"

@@ -318,7 +318,12 @@ def _mixing_lines(summary: Mapping[str, Any]) -> list[str]:
     rows.append(["mean of the specialists", _fmt((losses["real"]["real"] + losses["synthetic"]["real"]) / 2),
                  _fmt((losses["real"]["synthetic"] + losses["synthetic"]["synthetic"]) / 2)])
     verdict = mixing["mixed_not_worse_than_mean"]
-    return ["## Weight mixing (held-out caption loss per domain)", "",
+    beta = mixing.get("beta")
+    how = ("chosen on the captions of training images that no stage trained on, not on these" if
+           mixing.get("beta_chosen") else "the plan's")
+    formula = [f"Mixed: theta = {beta:g} theta_real + {1 - beta:g} theta_synthetic (beta {how}).", ""] \
+        if beta is not None else []
+    return ["## Weight mixing (held-out caption loss per domain)", "", *formula,
             *_table(["model", "real-domain captions", "synthetic-domain captions"], rows), "",
             "Mixed model no worse than the specialists' mean: " + ", ".join(
                 f"{d}: {'yes' if ok else '**no**'}" for d, ok in verdict.items()), ""]
