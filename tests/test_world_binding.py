@@ -24,6 +24,7 @@ from sphinx_mllm.world.binding import (
     init_cell_positions,
     scene_cells,
     train_binding,
+    word_ids,
 )
 from sphinx_mllm.world.dense import cell_targets, dense_objects, view_windows
 from sphinx_mllm.world.generate import WorldConfig, generate_world
@@ -86,7 +87,7 @@ def test_bare_captions_and_dense_dialogs_speak_of_the_scene() -> None:
 
 def test_label_tokens_change_only_the_cell_whose_label_changes(processor: SphinxProcessor) -> None:
     model = _model(len(processor.tokenizer))
-    tokens = LabelTokens(model, lambda t: processor.tokenizer(t, add_special_tokens=False)["input_ids"])
+    tokens = LabelTokens(model, word_ids(processor))
     image = reading_scenes(0, {"shapes": 1}, 448)[0]
     kept = scene_cells(dense_objects(image), image.size, 2, 7, 8, random.Random(0))
     labels = torch.from_numpy(kept.labels)[None].repeat(2, 1, 1, 1)
@@ -119,7 +120,7 @@ def test_cell_positions_start_from_the_words_of_where_the_cell_lies(processor: S
     """The global view's top-left cell and the first sub-view's (both "top left") start alike; the global view's
     top-left and bottom-right cells do not; the noise keeps two cells of one region apart."""
     model = _model(len(processor.tokenizer))
-    init_cell_positions(model, lambda t: processor.tokenizer(t, add_special_tokens=False)["input_ids"], noise=0.1)
+    init_cell_positions(model, word_ids(processor), noise=0.1)
     table = model.fusion.cell_pos["visual_proj"].detach()  # [V, 49, dim]
     cos = torch.nn.functional.cosine_similarity
     assert cos(table[0, 0], table[1, 0], dim=0) > 0.9  # top left, in the global view and the top-left sub-view
@@ -130,7 +131,7 @@ def test_cell_positions_start_from_the_words_of_where_the_cell_lies(processor: S
 
 def test_fit_projector_recovers_a_linear_map_of_the_label_tokens(processor: SphinxProcessor) -> None:
     model = _model(len(processor.tokenizer))
-    tokens = LabelTokens(model, lambda t: processor.tokenizer(t, add_special_tokens=False)["input_ids"])
+    tokens = LabelTokens(model, word_ids(processor))
     emb = model.get_input_embeddings().weight.detach()
     images = reading_scenes(3, {"shapes": 24, "people": 6}, 448)
     mix = torch.randn(257, 512, generator=torch.Generator().manual_seed(0))

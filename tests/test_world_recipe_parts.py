@@ -374,6 +374,15 @@ def test_init_coordinate_embeddings_sets_only_the_coordinate_rows(tokenizer_dir:
 # ----------------------------------------------------------------------------- --reading
 
 
+def _run_folder(world: Path, tokenizer_dir: Path, tmp_path: Path) -> Path:
+    """A run folder whose world and tokenizer steps are done (the module's world and tokenizer)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "world").symlink_to(world)
+    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    return out
+
+
 def test_reading_plan_lowers_the_llm_lr_and_needs_the_tiny_llm() -> None:
     plan = plan_for_reading(PLANS["quick"])
     assert plan.reading == READING_SCENES["quick"] and 0 < plan.rehearsal < 1
@@ -385,10 +394,7 @@ def test_reading_plan_lowers_the_llm_lr_and_needs_the_tiny_llm() -> None:
 
 def test_reading_data_step_writes_reading_documents_and_rehearsal_mixtures(
         world: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "world").symlink_to(world)
-    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    out = _run_folder(world, tokenizer_dir, tmp_path)
     plan = replace(plan_for_reading(PLANS["quick"]), reading={"shapes": 6, "people": 2, "signs": 1, "document": 1},
                    image_size=CONFIG.image_size)
     recipe = WorldRecipe(RecipeOptions(out, plan, bind=False), runner=lambda argv: None)
@@ -484,10 +490,7 @@ def test_choose_beta_takes_the_best_worst_domain_margin() -> None:
 
 def test_validation_captions_are_held_out_of_both_arms_caption_stages(
         world: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "world").symlink_to(world)
-    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    out = _run_folder(world, tokenizer_dir, tmp_path)
     plan = replace(PLANS["quick"], beta_grid=(0.5, 0.7), validation_images=3, image_size=CONFIG.image_size)
     recipe = WorldRecipe(RecipeOptions(out, plan), runner=lambda argv: None)
     recipe.make_data()

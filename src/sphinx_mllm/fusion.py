@@ -88,6 +88,12 @@ class Fusion(nn.Module):
         assert group.keep is not None
         return scores.topk(group.keep, dim=1).indices.sort(dim=1).values
 
+    @staticmethod
+    def keep_cells(tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """The CLS and the given cells of each view. tokens [N, 1 + G*G, C], cells [N, keep] -> [N, 1 + keep, C]"""
+        kept = tokens[:, 1:].gather(1, cells[..., None].expand(-1, -1, tokens.shape[-1]))
+        return torch.cat([tokens[:, :1], kept], dim=1)
+
     def place_cells(self, group: FusionGroup, projected: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Add each kept cell's position embedding. projected [N, 1 + keep, dim] (CLS first), cells [N, keep]
         (raster indices; item n is view n % V) -> [N, 1 + keep, dim]"""
@@ -109,11 +115,9 @@ class Fusion(nn.Module):
         for group, grid in self.groups:
             proj = self.projections[group.name]
             tokens = self.group_tokens(group, grid, feats)
-            if group.name in self.scorers:
-                cells = self.select_cells(group, tokens)  # [N, keep]
-                kept = tokens[:, 1:].gather(1, cells[..., None].expand(-1, -1, tokens.shape[-1]))
-                tokens = torch.cat([tokens[:, :1], kept], dim=1)  # [N, 1 + keep, C]
-                seq.append(self.place_cells(group, proj(tokens.to(proj[0].weight.dtype)), cells))
-                continue
-            seq.append(proj(tokens.to(proj[0].weight.dtype)))  # [N, T_g, dim]
+            cells = self.select_cells(group, tokens) if group.name in self.scorers else None  # [N, keep]
+            if cells is not None:
+                tokens = self.keep_cells(tokens, cells)  # [N, 1 + keep, C]
+            projected = proj(tokens.to(proj[0].weight.dtype))  # [N, T_g, dim]
+            seq.append(projected if cells is None else self.place_cells(group, projected, cells))
         return self.wrap_views(torch.cat(seq, dim=1))  # body [N, sum T_g, dim]

@@ -59,6 +59,11 @@ ASPECTS: tuple[tuple[int, int], ...] = tuple(dict.fromkeys((*LANDSCAPE_AND_PORTR
 """The world's aspect ratios; the CLS label token of each view is learned per aspect (and view)."""
 
 
+def word_ids(processor: SphinxProcessor) -> Callable[[str], list[int]]:
+    """The processor's tokenizer as label tokens and cell positions use it: text -> ids, no special tokens."""
+    return lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def aspect_index(size: tuple[int, int]) -> int:
     """The `ASPECTS` entry nearest to an image size (w, h)."""
     ratio = size[0] / size[1]
@@ -293,7 +298,7 @@ def train_binding(model: SphinxForConditionalGeneration, processor: SphinxProces
     """Both phases on `model` in place (the LLM and the fusion's LayerNorm, cell positions and view vectors train;
     the encoders, the projection's Linear and the scorer do not). Returns the label tokens and the loss curve."""
     torch.manual_seed(seed)
-    tokenize = lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    tokenize = word_ids(processor)
     tokens = LabelTokens(model, tokenize)
     if plan.position_words:
         init_cell_positions(model, tokenize, seed=seed)
@@ -362,9 +367,8 @@ def fit_projector(model: SphinxForConditionalGeneration, tokens: LabelTokens,
             cells = scene_cells(dense.dense_objects(image), image.size, model.config.view_grid, grid, group.keep, rng)
             v = fused.shape[0]
             lab = torch.from_numpy(cells.labels)
-            idx = torch.from_numpy(cells.cells)
-            kept = fused[:, 1:].gather(1, idx[..., None].expand(-1, -1, fused.shape[-1]))  # [V, keep, C]
-            xs.append(torch.cat([fused[:, :1], kept], 1).reshape(-1, fused.shape[-1]))
+            kept = model.fusion.keep_cells(fused, torch.from_numpy(cells.cells))  # [V, 1 + keep, C]
+            xs.append(kept.reshape(-1, fused.shape[-1]))
             cls = tokens.cls_z.detach()[torch.arange(v), cells.aspect]  # [V, dim]
             zs.append(torch.cat([cls[:, None], tokens.cell_z(emb, lab)], 1).reshape(-1, emb.shape[1]))
             present.append(torch.from_numpy(cells.held.astype(np.float32)).reshape(-1))
@@ -402,4 +406,4 @@ def fit_projector(model: SphinxForConditionalGeneration, tokens: LabelTokens,
 
 __all__ = ["ASPECTS", "LABEL_FIELDS", "BindingData", "BindingPlan", "LabelTokens", "ProjectorFit", "SceneCells",
            "aspect_index", "bare_caption", "binding_loss", "dense_dialog", "fit_projector", "init_cell_positions",
-           "scene_cells", "selecting_group", "train_binding"]
+           "scene_cells", "selecting_group", "train_binding", "word_ids"]

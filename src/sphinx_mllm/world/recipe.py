@@ -60,7 +60,7 @@ from sphinx_mllm.processing import SphinxProcessor, load_tokenizer
 from sphinx_mllm.processing.image import PAD_FILL
 from sphinx_mllm.tasks import TASKS
 from sphinx_mllm.utils import SphinxError, atomic_write_jsonl, atomic_write_text, get_logger
-from sphinx_mllm.world.binding import BindingPlan, LabelTokens, fit_projector, train_binding
+from sphinx_mllm.world.binding import BindingPlan, LabelTokens, fit_projector, train_binding, word_ids
 from sphinx_mllm.world.canvas import derive_seed
 from sphinx_mllm.world.encoders import Budget, EncoderPretraining, WorldImageSet, pretrain_encoders, probe_encoders
 from sphinx_mllm.world.generate import WorldConfig, ensure_world
@@ -127,7 +127,7 @@ class RecipePlan:
     pack_max_tokens: int = 1024
     beta: float = 0.5  # theta = beta theta_real + (1 - beta) theta_synthetic, unless `beta_grid` chooses it
     beta_grid: tuple[float, ...] = ()  # when set, each arm's beta is chosen on validation captions (`choose_beta`)
-    validation_images: int = 64  # with `beta_grid`: training images whose captions no stage trains on
+    validation_images: int = 64  # with `beta_grid`: training images left out of caption pre-training
     encoder_images: int | None = None  # training images for encoder pre-training (None: all)
     caption_loss_items: int = 96
     shuffle_items: int = 64  # held-out VQA / REC items of the shuffle check
@@ -169,9 +169,9 @@ PLANS: dict[str, RecipePlan] = {
         pack_ratios=_PACK_RATIOS,
         pack_max_tokens=512,
         caption_loss_items=64,
-        # Each arm's beta is the grid's best on the captions of 64 training images that no stage trains on (the
-        # mixing criterion's worst margin over the two domains); the held-out captions the report scores are not
-        # used. A fixed beta sat at the criterion's edge: 0.5 lost the real domain on the ninth round's world, 0.7
+        # Each arm's beta is the grid's best on the captions of 64 training images left out of caption pre-training
+        # (the mixing criterion's worst margin over the two domains); the held-out captions the report scores are
+        # not used. A fixed beta sat at the criterion's edge: 0.5 lost the real domain on the ninth round's world, 0.7
         # met it by 0.03 on one binding run and missed the synthetic domain by 0.01 on the next (tenth round).
         beta=0.7,
         beta_grid=(0.5, 0.6, 0.7, 0.8),
@@ -560,7 +560,8 @@ class WorldRecipe:
 
     def _validation_data(self, data: Path) -> None:
         """With `plan.beta_grid`: the captions (both domains) of `plan.validation_images` seeded training images
-        become `data/val_caption_*.jsonl`, and the caption stages train on the others (`data/pretrain_*.yaml`)."""
+        become `data/val_caption_*.jsonl`, and the caption stages train on the others (`data/pretrain_*.yaml`). The
+        fine-tuning after the mix may still see those images (the caption task among others)."""
         records = {d: read_records(self.world / "train" / f"caption_{d}.jsonl") for d in ("real", "synthetic")}
         images = sorted({r["image"] for r in records["real"]})
         held = set(random.Random(derive_seed(self.o.seed, "validation")).sample(
@@ -572,7 +573,7 @@ class WorldRecipe:
             _mixture(data / f"pretrain_{domain}.yaml", [(f"pretrain/caption_{domain}.jsonl", "caption")], self.world,
                      f"caption pre-training on the {domain!r} domain, without the validation images")
             _mixture(data / f"val_caption_{domain}.yaml", [(f"val_caption_{domain}.jsonl", "caption")], self.world,
-                     f"validation {domain}-domain captions (training images no stage trains on): beta's choice")
+                     f"validation {domain}-domain captions (images left out of caption pre-training): beta's choice")
 
     def _caption_source(self, domain: str) -> Path:
         """The training captions of a domain that the caption stages read (without the validation images)."""
@@ -759,7 +760,7 @@ class WorldRecipe:
         bound = self.out / "bind" / "final"
         model = SphinxForConditionalGeneration.from_pretrained(bound)
         processor = SphinxProcessor.from_pretrained(bound)
-        tokens = LabelTokens(model, lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        tokens = LabelTokens(model, word_ids(processor))
         tokens.cls_z.data.copy_(load_file(str(bound / LABEL_TOKENS))["cls_z"])
         cache = FeatureCache(self.arm_paths(arm)["features"])
         images = sample_split(world_config_of(self.world), "train")
