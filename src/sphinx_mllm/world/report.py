@@ -319,7 +319,7 @@ def _mixing_lines(summary: Mapping[str, Any]) -> list[str]:
                  _fmt((losses["real"]["synthetic"] + losses["synthetic"]["synthetic"]) / 2)])
     verdict = mixing["mixed_not_worse_than_mean"]
     beta = mixing.get("beta")
-    how = ("chosen on the captions of training images that no stage trained on, not on these" if
+    how = ("chosen on the captions of training images that caption pre-training left out, not on these" if
            mixing.get("beta_chosen") else "the plan's")
     formula = [f"Mixed: theta = {beta:g} theta_real + {1 - beta:g} theta_synthetic (beta {how}).", ""] \
         if beta is not None else []
