@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from sphinx_mllm.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SphinxConfig
-from sphinx_mllm.fusion import align_to_grid
+from sphinx_mllm.fusion import align_to_grid, box_phases, cell_centres
 from sphinx_mllm.modeling import SphinxForConditionalGeneration
 from sphinx_mllm.processing import SphinxProcessor
 from sphinx_mllm.utils.errors import SphinxError
@@ -91,6 +93,36 @@ def test_fusion_keep_selects_the_highest_scoring_cells_in_raster_order_with_thei
         SphinxConfig.from_preset("world-tiny", fusion=[{**group, "keep": 50}])
     saved = SphinxConfig.from_dict(config.to_dict())
     assert saved.fusion_groups == config.fusion_groups
+
+
+def test_box_phase_channels_turn_an_extent_around_the_cell_into_absolute_corners() -> None:
+    """`box_frequencies`: the projection gives per-corner phases of (corner - cell centre); the fusion multiplies
+    them by its cell's sinusoids, and a fixed linear read gives cos / sin of the corner's own phase, in any view."""
+    freqs = (0.5, 1.0, 2.0, 4.0)
+    group = {"name": "visual_proj", "encoders": ["clip", "convnext", "dinov2"], "grid": 7, "keep": 4,
+             "box_frequencies": list(freqs)}
+    config = SphinxConfig.from_preset("world-tiny", fusion=[group])
+    assert config.fusion_groups[0].box_frequencies == freqs
+    assert SphinxConfig.from_dict(config.to_dict()).fusion_groups == config.fusion_groups
+    assert "box_frequencies" not in SphinxConfig.from_preset("world-tiny-keep").to_dict()["fusion"][0]
+    model = SphinxForConditionalGeneration(config).eval()
+    fusion, g = model.fusion, config.fusion_groups[0]
+    centres = cell_centres(2, 7)  # [5, 49, 2]
+    assert torch.allclose(centres[3, 7], torch.tensor([0.5 / 14, 0.5 + 1.5 / 14], dtype=centres.dtype))
+    box = torch.tensor([0.52, 0.61, 0.60, 0.70])
+    for view, cell in ((0, 31), (4, 3), (2, 45)):
+        z = torch.zeros(1, 5, 256)  # CLS + 4 kept cells, before the LayerNorm
+        z[0, 2, :64] = box_phases(box, centres[view, cell].float(), freqs)
+        cells = torch.tensor([[0, cell, 47, 48]])
+        out = fusion.modulate(g, z.repeat(5, 1, 1), cells.repeat(5, 1))[view, 2]  # item n is view n % 5
+        for k in range(4):
+            block = out[16 * k: 16 * (k + 1)]
+            phase = 2 * math.pi * box[k] * torch.tensor(freqs)
+            assert torch.allclose(block[:4] - block[4:8], phase.cos(), atol=1e-5)
+            assert torch.allclose(block[8:12] + block[12:], phase.sin(), atol=1e-5)
+        assert torch.equal(fusion.modulate(g, z, cells)[0, 0], z[0, 0])  # the CLS is left alone
+    with pytest.raises(SphinxError, match="box_frequencies needs keep"):
+        SphinxConfig.from_preset("world-tiny", fusion=[{**group, "keep": None}])
 
 
 def _reference_image_tokens(model: SphinxForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from sphinx_mllm.config import SphinxConfig
+from sphinx_mllm.fusion import cell_centres
+from sphinx_mllm.geometry import box_from_pixels, format_box
 from sphinx_mllm.modeling import SphinxForConditionalGeneration
 from sphinx_mllm.processing import SphinxProcessor, load_tokenizer
 from sphinx_mllm.utils import SphinxError
@@ -33,6 +35,7 @@ from sphinx_mllm.world.reading import reading_scenes
 from sphinx_mllm.world.tokenizer import train_world_tokenizer
 
 SCENES = {"shapes": 6, "people": 2, "signs": 2}
+BOX_FREQS = [0.5, 1, 2, 4, 8]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,45 @@ def test_kept_cells_hold_every_object_centre_with_its_labels() -> None:
     assert aspect_index((448, 252)) == ASPECTS.index((16, 9))
 
 
+def test_kept_cells_carry_the_box_of_what_they_hold() -> None:
+    """A held cell's box is its object's (the cell holds the box's centre, or a neighbour when two share a cell);
+    an empty cell's is NaN."""
+    rng = random.Random(1)
+    for image in reading_scenes(4, SCENES, 448):
+        kept = scene_cells(dense_objects(image), image.size, 2, 7, 8, rng)
+        boxes = {tuple(np.round(o.box, 4)) for o in dense_objects(image)}
+        centres = cell_centres(2, 7).numpy()  # [5, 49, 2]
+        for v in range(5):
+            for k, c in enumerate(kept.cells[v]):
+                box = kept.boxes[v, k]
+                if not kept.labels[v, k].any():
+                    assert np.isnan(box).all()
+                    continue
+                assert tuple(np.round(box.astype(np.float64), 4)) in boxes
+                side = 1.0 if v == 0 else 0.5
+                mid = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+                assert np.abs(mid - centres[v, c]).max() <= 1.5 * side / 7 + 1e-6
+
+
+def test_box_label_tokens_put_each_box_in_its_cell(processor: SphinxProcessor) -> None:
+    model = _box_model(len(processor.tokenizer))
+    tokens = LabelTokens(model, word_ids(processor))
+    assert tokens.box_width == 16 * 5
+    image = reading_scenes(0, {"shapes": 1}, 448)[0]
+    kept = scene_cells(dense_objects(image), image.size, 2, 7, 8, random.Random(0))
+    held = int(np.nonzero(kept.labels[1].any(-1))[0][0])  # a cell of view 1 that holds an object
+    labels = torch.from_numpy(kept.labels)[None].repeat(2, 1, 1, 1)
+    cells = torch.from_numpy(kept.cells)[None].repeat(2, 1, 1)
+    boxes = torch.from_numpy(kept.boxes)[None].repeat(2, 1, 1, 1)
+    boxes[1, 1, held] += 0.05  # the same object elsewhere
+    with torch.no_grad():
+        out = tokens(model, labels, cells, torch.tensor([kept.aspect] * 2), boxes)
+    differs = (out[0] - out[1]).abs().sum(-1) > 1e-5
+    assert differs.nonzero().flatten().tolist() == [11 + 2 + held]  # view 1 starts at 11: start, CLS, cells
+    with pytest.raises(SphinxError, match="pass boxes"):
+        tokens(model, labels, cells, torch.tensor([kept.aspect] * 2))
+
+
 def test_bare_captions_and_dense_dialogs_speak_of_the_scene() -> None:
     rng = random.Random(0)
     image = reading_scenes(2, {"shapes": 1}, 448)[0]
@@ -83,6 +125,14 @@ def test_bare_captions_and_dense_dialogs_speak_of_the_scene() -> None:
     assert {r for r, _ in turns[1::2]} == {"gpt"}
     questions = [q.split("\n")[0] for _, q in turns[::2]]
     assert len(set(questions)) == len(questions)
+    w, h = image.size
+    caption = bare_caption(image, rng, boxes=True)
+    for thing in things_of(image):
+        box = format_box(box_from_pixels(thing.box, w, h))
+        assert f"{thing.noun} {thing.colour} {box}" in caption or f"{thing.colour} {thing.noun} {box}" in caption
+    turns = dense_dialog(image, rng, per_type=2, most=20, boxes=True)
+    answers = {a for _, a in turns[1::2]}
+    assert any(a == format_box(box_from_pixels(t.box, w, h)) for t in things_of(image) for a in answers)
 
 
 def test_label_tokens_change_only_the_cell_whose_label_changes(processor: SphinxProcessor) -> None:
@@ -100,6 +150,14 @@ def test_label_tokens_change_only_the_cell_whose_label_changes(processor: Sphinx
     assert differs.nonzero().flatten().tolist() == [2 + 3]  # view 0: start, CLS, cells 0..7, end
     with pytest.raises(SphinxError, match="keeps salient cells"):
         LabelTokens(SphinxForConditionalGeneration(SphinxConfig.from_preset("world-tiny")), lambda t: [1])
+
+
+def _box_model(vocab: int) -> SphinxForConditionalGeneration:
+    torch.manual_seed(0)
+    base = SphinxConfig.from_preset("world-tiny-keep")
+    config = SphinxConfig.from_preset("world-tiny-keep", fusion=[{**base.fusion[0], "box_frequencies": BOX_FREQS}])
+    config.text_config.vocab_size = max(vocab, config.text_config.vocab_size)
+    return SphinxForConditionalGeneration(config).eval()
 
 
 def test_binding_trains_the_llm_and_not_the_encoders(processor: SphinxProcessor) -> None:
@@ -129,8 +187,9 @@ def test_cell_positions_start_from_the_words_of_where_the_cell_lies(processor: S
     assert table.std().item() == pytest.approx(0.5, rel=0.2)
 
 
-def test_fit_projector_recovers_a_linear_map_of_the_label_tokens(processor: SphinxProcessor) -> None:
-    model = _model(len(processor.tokenizer))
+@pytest.mark.parametrize("boxes", [False, True], ids=["words", "words_and_boxes"])
+def test_fit_projector_recovers_a_linear_map_of_the_label_tokens(processor: SphinxProcessor, boxes: bool) -> None:
+    model = (_box_model if boxes else _model)(len(processor.tokenizer))
     tokens = LabelTokens(model, word_ids(processor))
     emb = model.get_input_embeddings().weight.detach()
     images = reading_scenes(3, {"shapes": 24, "people": 6}, 448)
@@ -142,7 +201,12 @@ def test_fit_projector_recovers_a_linear_map_of_the_label_tokens(processor: Sphi
         for v, window in enumerate(view_windows(2)):
             t = cell_targets(objects, window, 7)
             lab = torch.from_numpy(np.stack([t[key][:, 0] for key, _ in LABEL_FIELDS], -1).astype(np.int64))
-            z = tokens.cell_z(emb, lab)  # [49, 256]
+            x0, y0, side = window
+            box = np.where(t["thing/present"][:, :1] > 0, t["thing/box"], t["word/box"]) * side + [x0, y0, x0, y0]
+            box[~((t["thing/present"][:, 0] > 0) | (t["word/present"][:, 0] > 0))] = np.nan
+            every = (lab.expand(5, -1, -1), torch.from_numpy(box).float().expand(5, -1, -1),
+                     torch.arange(49).expand(5, -1))  # cell_z takes views first: this view's row is v
+            z = tokens.cell_z(emb, *every)[v] if boxes else tokens.cell_z(emb, lab)  # [49, 256]
             held = torch.from_numpy(((t["thing/present"][:, 0] > 0) | (t["word/present"][:, 0] > 0))
                                     .astype(np.float32))[:, None]
             cls = tokens.cls_z.detach()[v, aspect_index(image.size)][None]

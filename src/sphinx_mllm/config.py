@@ -105,12 +105,16 @@ class FusionGroup:
     grid, scored by a linear `scorer` on the concatenated channels, in raster order and each with a learned
     embedding of its (view, cell) position; the CLS stays. A small LLM learns to pick the token a question
     names among a few informative ones, and not among many mostly empty ones (docs/world_report.md, tenth round).
+    `box_frequencies` (our addition, with `keep`) makes the first 16 * len(box_frequencies) projected channels of a
+    kept cell a box in phase form: they are multiplied by fixed sinusoids of the cell's centre, so that features
+    that know only an object's extent around its cell give the LLM its absolute corners (eleventh round).
     """
 
     name: str  # projection module name: "visual_proj", "qformer_proj" in the release
     encoders: tuple[str, ...]
     grid: int | None = None  # common token grid; None: the largest grid among the group's encoders
     keep: int | None = None  # salient cells kept per view; None: every cell (the release)
+    box_frequencies: tuple[float, ...] | None = None  # with `keep`: box-phase channels (see `Fusion.modulate`)
 
 
 @dataclass(frozen=True)
@@ -145,8 +149,8 @@ class SphinxConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.encoders = [asdict(e) if isinstance(e, EncoderSpec) else dict(e) for e in (self.encoders or [])]
-        # `keep` only where set, so the release presets' configs read as before it existed
-        self.fusion = [{k: v for k, v in asdict(g).items() if k != "keep" or v is not None}
+        # `keep` and `box_frequencies` only where set, so the release presets' configs read as before they existed
+        self.fusion = [{k: v for k, v in asdict(g).items() if k not in ("keep", "box_frequencies") or v is not None}
                        if isinstance(g, FusionGroup) else dict(g) for g in (self.fusion or [])]
         for g in self.fusion:
             g["encoders"] = list(g["encoders"])
@@ -161,7 +165,8 @@ class SphinxConfig(PreTrainedConfig):
     @property
     def fusion_groups(self) -> tuple[FusionGroup, ...]:
         return tuple(
-            FusionGroup(name=g["name"], encoders=tuple(g["encoders"]), grid=g.get("grid"), keep=g.get("keep"))
+            FusionGroup(name=g["name"], encoders=tuple(g["encoders"]), grid=g.get("grid"), keep=g.get("keep"),
+                        box_frequencies=tuple(g["box_frequencies"]) if g.get("box_frequencies") else None)
             for g in self.fusion or []
         )
 
@@ -240,6 +245,12 @@ class SphinxConfig(PreTrainedConfig):
                 cells = "no cell grid" if grid is None else f"{grid * grid} cells per view"
                 raise SphinxError(f"fusion group {group.name!r}: keep={group.keep} needs 1 <= keep <= the grid's cells "
                                   f"({cells})")
+            if group.box_frequencies is not None:
+                width = 16 * len(group.box_frequencies)
+                if group.keep is None or not group.box_frequencies or width > self.text_config.hidden_size:
+                    raise SphinxError(f"fusion group {group.name!r}: box_frequencies needs keep and 16 channels per "
+                                      f"frequency within the LLM's {self.text_config.hidden_size} (got "
+                                      f"{len(group.box_frequencies)} frequencies, keep={group.keep})")
             for m in members:
                 if m.grid is not None and grid is not None and grid > m.grid and grid % m.grid != 0:
                     raise SphinxError(f"fusion group {group.name!r}: encoder {m.name!r} grid {m.grid} does not "
@@ -371,6 +382,11 @@ def _debug_encoders(convnext_view: int, convnext_input: int) -> list[EncoderSpec
 
 
 # ---- the synthetic world's preset (`sphinx-mllm world run`): the full structure at laptop-CPU size ----
+WORLD_BOX_FREQUENCIES: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""`world-tiny-box`'s box-phase frequencies (80 of the LLM's 256 channels): 0.5 cycles keeps a corner unambiguous over
+the whole square, 8 resolves it to about 0.01 (docs/world_report.md, eleventh round)."""
+
+
 def _world_llm() -> dict[str, Any]:
     # vocab: the world tokenizer's byte-level BPE (1024) + coordinate and phrase tokens, rounded up
     return dict(model_type="llama", vocab_size=1152, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -416,6 +432,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "world-tiny-keep": dict(text_config=_world_llm(), encoders=_world_encoders(),
                             fusion=[FusionGroup("visual_proj", ("clip", "convnext", "dinov2"), grid=7, keep=8)],
                             image_size=448, view_grid=2),
+    "world-tiny-box": dict(text_config=_world_llm(), encoders=_world_encoders(),
+                           fusion=[FusionGroup("visual_proj", ("clip", "convnext", "dinov2"), grid=7, keep=8,
+                                               box_frequencies=WORLD_BOX_FREQUENCIES)],
+                           image_size=448, view_grid=2),
 }
 
 # The release's `meta.json` llama_type of each release preset (SPHINX.md section 2).

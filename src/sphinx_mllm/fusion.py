@@ -11,9 +11,19 @@ concatenated channels ranks the cells, the top ones stay in raster order, and ea
 `cell_pos[group][view, cell]` of where it came from after the projection. The ranking is a hard choice (no
 gradient reaches the scorer through it): the scorer is fitted on its own (the world recipe fits it to the cells
 that hold an object).
+
+With `box_frequencies` (our addition, with `keep`), the first 16 * F projected channels of each kept cell (before
+the LayerNorm) are multiplied by `box_gains`: fixed sinusoids of the cell centre's position in the padded square.
+Per box corner k (x1, y1, x2, y2) and frequency f, four channels hold
+[cos t cos p, sin t sin p, sin t cos p, cos t sin p], with t = 2 pi f * the centre's x (or y) and
+p = 2 pi f * (corner - centre), so cos(t + p) and sin(t + p), the corner's own phases, are a fixed linear read.
+The projection then only has to know an object's extent around its cell, which a shared Linear can, and not
+where the cell is, which it cannot (docs/world_report.md, eleventh round).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +56,43 @@ def align_to_grid(tokens: torch.Tensor, spec: EncoderSpec, grid: int) -> torch.T
     return torch.cat([cls, spatial], dim=1)
 
 
+def view_windows(view_grid: int) -> list[tuple[float, float, float]]:
+    """(x0, y0, side) of every view in the padded square, in the release's order: global, then raster."""
+    return [(0.0, 0.0, 1.0)] + [(c / view_grid, r / view_grid, 1.0 / view_grid)
+                                for r in range(view_grid) for c in range(view_grid)]
+
+
+def cell_centres(view_grid: int, grid: int) -> torch.Tensor:
+    """[V, grid * grid, 2]: (x, y) of every view's cell centres in the padded square (raster cells)."""
+    idx = torch.arange(grid * grid, dtype=torch.float64)
+    rows = [torch.stack([x0 + (idx % grid + 0.5) / grid * side, y0 + (idx // grid + 0.5) / grid * side], dim=-1)
+            for x0, y0, side in view_windows(view_grid)]
+    return torch.stack(rows)
+
+
+def box_gains(view_grid: int, grid: int, frequencies: tuple[float, ...]) -> torch.Tensor:
+    """[V, grid * grid, 16 F]: per view and cell, per corner (x1, y1, x2, y2), [cos t, sin t, sin t, cos t] of
+    t = 2 pi f * the cell centre's x (corners x1, x2) or y (y1, y2), each block of F frequencies."""
+    freqs = torch.tensor(frequencies, dtype=torch.float64)
+    centres = cell_centres(view_grid, grid)  # [V, G*G, 2]
+    blocks = []
+    for k in range(4):
+        t = 2 * math.pi * centres[..., k % 2, None] * freqs  # [V, G*G, F]
+        blocks.append(torch.cat([t.cos(), t.sin(), t.sin(), t.cos()], dim=-1))
+    return torch.cat(blocks, dim=-1).float()
+
+
+def box_phases(boxes: torch.Tensor, centres: torch.Tensor, frequencies: tuple[float, ...]) -> torch.Tensor:
+    """What the projection should give for `box_gains` to make a box: per corner, [cos p, sin p, cos p, sin p] of
+    p = 2 pi f * (corner - cell centre). boxes [..., 4], centres [..., 2] (padded square) -> [..., 16 F]"""
+    freqs = torch.tensor(frequencies, dtype=boxes.dtype, device=boxes.device)
+    blocks = []
+    for k in range(4):
+        p = 2 * math.pi * (boxes[..., k] - centres[..., k % 2])[..., None] * freqs
+        blocks.append(torch.cat([p.cos(), p.sin(), p.cos(), p.sin()], dim=-1))
+    return torch.cat(blocks, dim=-1)
+
+
 class Projection(nn.Sequential):
     """Linear(in -> dim, bias) then LayerNorm(dim): keys `.0.weight`, `.0.bias`, `.1.weight`, `.1.bias`."""
 
@@ -67,6 +114,9 @@ class Fusion(nn.Module):
         self.scorers = nn.ModuleDict({g.name: nn.Linear(config.group_width(g), 1) for g, _ in selecting})
         self.cell_pos = nn.ParameterDict({g.name: nn.Parameter(torch.randn(self.num_views, grid * grid, dim) * 0.5)
                                           for g, grid in selecting})
+        # group -> (grid, frequencies): the gains are a function of the config, computed when used (not weights)
+        self.box_gains = {g.name: (grid, g.box_frequencies) for g, grid in selecting if g.box_frequencies is not None}
+        self.view_grid = config.view_grid
         # Shared by all views; the release initialises them uniform in [0, 1).
         self.start_img = nn.Parameter(torch.rand(1, 1, dim))
         self.end_img = nn.Parameter(torch.rand(1, 1, dim))
@@ -94,6 +144,19 @@ class Fusion(nn.Module):
         kept = tokens[:, 1:].gather(1, cells[..., None].expand(-1, -1, tokens.shape[-1]))
         return torch.cat([tokens[:, :1], kept], dim=1)
 
+    def modulate(self, group: FusionGroup, z: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Multiply the box-phase channels of the kept cells by their cell's gains (identity without
+        `box_frequencies`). z [N, 1 + keep, dim] before the LayerNorm (CLS first), cells [N, keep] -> same"""
+        if group.name not in self.box_gains:
+            return z
+        grid, frequencies = self.box_gains[group.name]
+        table = box_gains(self.view_grid, grid, frequencies).to(z.device)  # [V, G*G, 16F]
+        views = torch.arange(z.shape[0], device=cells.device) % self.num_views
+        gain = table[views[:, None], cells].to(z.dtype)  # [N, keep, 16F]
+        width = gain.shape[-1]
+        body = torch.cat([z[:, 1:, :width] * gain, z[:, 1:, width:]], dim=-1)
+        return torch.cat([z[:, :1], body], dim=1)
+
     def place_cells(self, group: FusionGroup, projected: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Add each kept cell's position embedding. projected [N, 1 + keep, dim] (CLS first), cells [N, keep]
         (raster indices; item n is view n % V) -> [N, 1 + keep, dim]"""
@@ -118,6 +181,9 @@ class Fusion(nn.Module):
             cells = self.select_cells(group, tokens) if group.name in self.scorers else None  # [N, keep]
             if cells is not None:
                 tokens = self.keep_cells(tokens, cells)  # [N, 1 + keep, C]
-            projected = proj(tokens.to(proj[0].weight.dtype))  # [N, T_g, dim]
-            seq.append(projected if cells is None else self.place_cells(group, projected, cells))
+            if cells is None:
+                seq.append(proj(tokens.to(proj[0].weight.dtype)))  # [N, T_g, dim]
+                continue
+            z = self.modulate(group, proj[0](tokens.to(proj[0].weight.dtype)), cells)  # [N, 1 + keep, dim]
+            seq.append(self.place_cells(group, proj[1](z), cells))
         return self.wrap_views(torch.cat(seq, dim=1))  # body [N, sum T_g, dim]

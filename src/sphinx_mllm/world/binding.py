@@ -28,6 +28,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,14 +37,16 @@ from torch import nn
 
 from sphinx_mllm.config import FusionGroup
 from sphinx_mllm.data.converters.common import typed_task
+from sphinx_mllm.fusion import box_phases, cell_centres
+from sphinx_mllm.geometry import box_from_pixels, format_box
 from sphinx_mllm.modeling import SphinxForConditionalGeneration
 from sphinx_mllm.processing import IGNORE_INDEX, SphinxProcessor
-from sphinx_mllm.tasks import VQATask
+from sphinx_mllm.tasks import RECTask, VQATask
 from sphinx_mllm.utils import SphinxError, get_logger
 from sphinx_mllm.world import dense
 from sphinx_mllm.world.canvas import LANDSCAPE_AND_PORTRAIT
 from sphinx_mllm.world.language import cell as cell_name
-from sphinx_mllm.world.language import things_of
+from sphinx_mllm.world.language import refer, things_of
 from sphinx_mllm.world.questions import gqa_candidates, vqa_candidates
 from sphinx_mllm.world.scene import PAGE_RATIOS, WorldImage
 from sphinx_mllm.world.vocab import COLOURS, POSES, POSITIONS
@@ -55,6 +58,8 @@ LABEL_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("thing/pose", POSES), ("word/colour", tuple(COLOURS)), ("word/word", (*dense.WORD_VOCAB[:-1], "number")),
 )
 """The per-cell labels a label token is made of (`dense.cell_targets` keys, class k -> word `names[k - 1]`)."""
+BOX_SCALE = 0.1
+"""Scale of a label token's box-phase channels (`FusionGroup.box_frequencies`): about the words' share of its norm."""
 ASPECTS: tuple[tuple[int, int], ...] = tuple(dict.fromkeys((*LANDSCAPE_AND_PORTRAIT, *PAGE_RATIOS)))
 """The world's aspect ratios; the CLS label token of each view is learned per aspect (and view)."""
 
@@ -83,19 +88,21 @@ def selecting_group(model: SphinxForConditionalGeneration) -> tuple[FusionGroup,
 @dataclass
 class SceneCells:
     """The kept cells of one image: labels [V, keep, len(LABEL_FIELDS)] (0: none), raster cells [V, keep], aspect,
-    and which of all the grid's cells hold an object ([V, grid * grid] bool)."""
+    which of all the grid's cells hold an object ([V, grid * grid] bool), and the box of what each kept cell holds
+    ([V, keep, 4] in the padded square, NaN for none; a thing's box before a word's)."""
 
     labels: np.ndarray
     cells: np.ndarray
     aspect: int
     held: np.ndarray
+    boxes: np.ndarray
 
 
 def scene_cells(objects: Sequence[dense.DenseObject], size: tuple[int, int], view_grid: int, grid: int, keep: int,
                 rng: random.Random) -> SceneCells:
     """Per view: the cells that hold an object's centre (`dense.cell_targets`, raster order, the first `keep`), filled
     up with random empty cells: what a perfect cell scorer would keep."""
-    labels, cells, masks = [], [], []
+    labels, cells, masks, boxes = [], [], [], []
     for window in dense.view_windows(view_grid):
         t = dense.cell_targets(objects, window, grid)
         mask = (t["thing/present"][:, 0] > 0) | (t["word/present"][:, 0] > 0)
@@ -105,8 +112,13 @@ def scene_cells(objects: Sequence[dense.DenseObject], size: tuple[int, int], vie
         labels.append(np.stack([t[key][chosen, 0] for key, _ in LABEL_FIELDS], -1))
         cells.append(chosen)
         masks.append(mask)
+        x0, y0, side = window
+        box = np.where(t["thing/present"][chosen, :1] > 0, t["thing/box"][chosen], t["word/box"][chosen])
+        box = box * side + np.array([x0, y0, x0, y0], np.float32)  # view frame -> padded square
+        box[~mask[chosen]] = np.nan
+        boxes.append(box)
     return SceneCells(np.stack(labels).astype(np.int64), np.asarray(cells, np.int64), aspect_index(size),
-                      np.stack(masks))
+                      np.stack(masks), np.stack(boxes).astype(np.float32))
 
 
 class LabelTokens(nn.Module):
@@ -118,9 +130,12 @@ class LabelTokens(nn.Module):
 
     def __init__(self, model: SphinxForConditionalGeneration, tokenize: Callable[[str], list[int]]) -> None:
         super().__init__()
-        group, _ = selecting_group(model)
+        group, grid = selecting_group(model)
         self.group = group
         dim = model.config.text_config.hidden_size
+        self.frequencies = group.box_frequencies or ()
+        self.box_width = 16 * len(self.frequencies)  # the leading box-phase channels; 0: none
+        self.register_buffer("centres", cell_centres(model.config.view_grid, grid).float(), persistent=False)
         self.cls_z = nn.Parameter(torch.randn(model.config.num_views, len(ASPECTS), dim) * 0.02)
         rows = [[[]] + [tokenize(" " + name) for name in names] for _, names in LABEL_FIELDS]
         width = max(len(r) for field in rows for r in field)
@@ -134,34 +149,51 @@ class LabelTokens(nn.Module):
         self.register_buffer("name_ids", ids, persistent=False)  # [F, classes, width]
         self.register_buffer("name_mask", mask, persistent=False)
 
-    def cell_z(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The pre-LayerNorm label token of each cell. labels [..., F] -> [..., dim]"""
+    def cell_z(self, embeddings: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None = None,
+               cells: torch.Tensor | None = None) -> torch.Tensor:
+        """The label token of each cell before the fusion's box gains and LayerNorm. labels [..., V, keep, F];
+        with `box_frequencies`, boxes [..., V, keep, 4] (NaN: none) and cells [..., V, keep] -> [..., V, keep, dim]"""
         z = embeddings.new_zeros((*labels.shape[:-1], embeddings.shape[1]))
         for f in range(labels.shape[-1]):
             ids, mask = self.name_ids[f][labels[..., f]], self.name_mask[f][labels[..., f]]  # [..., width]
             z = z + (embeddings[ids] * mask[..., None].to(embeddings.dtype)).sum(-2)
+        if self.box_width:
+            if boxes is None or cells is None:
+                raise SphinxError("this model's label tokens hold boxes (FusionGroup.box_frequencies): "
+                                  "pass boxes, cells")
+            centres = self.centres.to(z.dtype)[torch.arange(labels.shape[-3], device=cells.device)[:, None], cells]
+            present = ~torch.isnan(boxes[..., :1])  # [..., V, keep, 1]
+            phases = box_phases(torch.nan_to_num(boxes).to(z.dtype), centres, self.frequencies)  # [..., 16F]
+            z = torch.cat([phases * present * BOX_SCALE, z[..., self.box_width:]], dim=-1)
         return z
 
     def forward(self, model: SphinxForConditionalGeneration, labels: torch.Tensor, cells: torch.Tensor,
-                aspects: torch.Tensor) -> torch.Tensor:
-        """labels [B, V, keep, F], cells [B, V, keep], aspects [B] -> image tokens [B, num_image_tokens, dim]"""
+                aspects: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """labels [B, V, keep, F], cells [B, V, keep], aspects [B], boxes [B, V, keep, 4] (with box channels)
+        -> image tokens [B, num_image_tokens, dim]"""
         assert model.fusion is not None
         b, v, keep, _ = labels.shape
-        z = self.cell_z(model.get_input_embeddings().weight, labels)  # [B, V, keep, dim]
+        z = self.cell_z(model.get_input_embeddings().weight, labels, boxes, cells)  # [B, V, keep, dim]
         cls = self.cls_z[torch.arange(v)[None, :], aspects[:, None]]  # [B, V, dim]
         z = torch.cat([cls[:, :, None], z], dim=2).reshape(b * v, keep + 1, -1)
+        flat = cells.reshape(b * v, keep)
         norm = model.fusion.projections[self.group.name][1]
-        body = model.fusion.place_cells(self.group, norm(z), cells.reshape(b * v, keep))
+        body = model.fusion.place_cells(self.group, norm(model.fusion.modulate(self.group, z, flat)), flat)
         return model.fusion.wrap_views(body)
 
 
 # ----------------------------------------------------------------------------- the two phases' texts
 
 
-def bare_caption(image: WorldImage, rng: random.Random, per_thing: int = 4) -> str:
-    """Pairs and triples whose last word is read off the token the previous words name, in both orders."""
+def bare_caption(image: WorldImage, rng: random.Random, per_thing: int = 4, boxes: bool = False) -> str:
+    """Pairs and triples whose last word is read off the token the previous words name, in both orders; with
+    `boxes`, also each thing's and sign word's box after its name ("red square [0.10,0.12,0.18,0.20]")."""
     parts = []
+    w, h = image.size
     for t in things_of(image):
+        if boxes:
+            box = format_box(box_from_pixels(t.box, w, h))
+            parts.append(rng.choice([f"{t.colour} {t.noun} {box}", f"{t.noun} {t.colour} {box}"]))
         where = cell_name(t.box, image.size)
         extra = t.size if t.size else t.pose
         forms = [f"{t.noun} {t.colour}", f"{extra} {t.noun} {t.colour}", f"{t.noun} {where} {t.colour}",
@@ -170,14 +202,25 @@ def bare_caption(image: WorldImage, rng: random.Random, per_thing: int = 4) -> s
         parts += rng.sample(forms, min(per_thing, len(forms)))
     for sign in image.words:
         parts.append(f"{sign.colour} word {sign.word.text.lower()}")
+        if boxes:
+            parts.append(f"word {sign.word.text.lower()} {format_box(box_from_pixels(sign.word.box, w, h))}")
     rng.shuffle(parts)
     return " . ".join(parts) + " ." if parts else "nothing ."
 
 
-def dense_dialog(image: WorldImage, rng: random.Random, per_type: int = 4, most: int = 8) -> list[tuple[str, str]]:
+def dense_dialog(image: WorldImage, rng: random.Random, per_type: int = 4, most: int = 8, boxes: bool = False
+                 ) -> list[tuple[str, str]]:
     """Up to `most` distinct VQA and GQA questions of a scene (at most `per_type` of each type), as chat turns with
-    the tasks' own prompts."""
-    pool = []
+    the tasks' own prompts; with `boxes`, also up to `per_type` REC questions (the REC task's prompts)."""
+    pool: list[tuple[str, Any]] = []
+    if boxes:
+        things = things_of(image)
+        rec = typed_task("rec", RECTask)
+        for t in rng.sample(things, min(per_type, len(things))):
+            expression = refer(t, things, image.size, rng)
+            if expression is not None:
+                pool.append(("rec", rec.build(f"the {expression}", box_from_pixels(t.box, *image.size),
+                                              seed=rng.randrange(1 << 30), key=expression)))
     for task, candidates in (("vqa", vqa_candidates(image, rng)), ("gqa", gqa_candidates(image, rng))):
         for questions in candidates.values():
             seen: set[str] = set()
@@ -188,7 +231,8 @@ def dense_dialog(image: WorldImage, rng: random.Random, per_type: int = 4, most:
     rng.shuffle(pool)
     turns: list[tuple[str, str]] = []
     for task, q in pool[:most]:
-        built = typed_task(task, VQATask).build(q.text, q.answer, seed=rng.randrange(1 << 30), key=q.text)
+        built = q if task == "rec" else typed_task(task, VQATask).build(q.text, q.answer, seed=rng.randrange(1 << 30),
+                                                                         key=q.text)
         turns += [(t["from"], t["value"]) for t in built]
     return turns
 
@@ -235,17 +279,18 @@ class BindingData:
         assert group.keep is not None
         self.processor, self.scenes, self.keep, self.grid = processor, list(scenes), group.keep, grid
         self.view_grid = model.config.view_grid
+        self.boxes = group.box_frequencies is not None  # box forms in both phases' texts
         self.rng = random.Random(seed)
         self.next = 0
 
     def item(self, image: WorldImage, dialog: bool) -> tuple[list[int], list[int], SceneCells]:
         cells = scene_cells(dense.dense_objects(image), image.size, self.view_grid, self.grid, self.keep, self.rng)
         if dialog:
-            turns = dense_dialog(image, self.rng)
+            turns = dense_dialog(image, self.rng, boxes=self.boxes)
             if turns:
                 ids, labels = self.processor.encode_conversation(turns, True)
                 return ids, labels, cells
-        ids, labels = self.processor.encode_caption(bare_caption(image, self.rng), True)
+        ids, labels = self.processor.encode_caption(bare_caption(image, self.rng, boxes=self.boxes), True)
         return ids, labels, cells
 
     def batch(self, size: int, dialog: bool) -> dict[str, torch.Tensor]:
@@ -257,13 +302,14 @@ class BindingData:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "cell_labels": torch.from_numpy(np.stack([c.labels for _, _, c in items])),
                 "cells": torch.from_numpy(np.stack([c.cells for _, _, c in items])),
+                "boxes": torch.from_numpy(np.stack([c.boxes for _, _, c in items])),
                 "aspects": torch.tensor([c.aspect for _, _, c in items])}
 
 
 def binding_loss(model: SphinxForConditionalGeneration, tokens: LabelTokens, batch: dict[str, torch.Tensor]
                  ) -> torch.Tensor:
     """The answer / caption loss of a batch whose images are label tokens."""
-    image = tokens(model, batch["cell_labels"], batch["cells"], batch["aspects"])
+    image = tokens(model, batch["cell_labels"], batch["cells"], batch["aspects"], batch["boxes"])
     embeds = model.embed_inputs(batch["input_ids"], None, image_features=image)
     return model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                 labels=batch["labels"]).loss
@@ -370,7 +416,8 @@ def fit_projector(model: SphinxForConditionalGeneration, tokens: LabelTokens,
             kept = model.fusion.keep_cells(fused, torch.from_numpy(cells.cells))  # [V, 1 + keep, C]
             xs.append(kept.reshape(-1, fused.shape[-1]))
             cls = tokens.cls_z.detach()[torch.arange(v), cells.aspect]  # [V, dim]
-            zs.append(torch.cat([cls[:, None], tokens.cell_z(emb, lab)], 1).reshape(-1, emb.shape[1]))
+            z = tokens.cell_z(emb, lab, torch.from_numpy(cells.boxes), torch.from_numpy(cells.cells))  # [V, keep, dim]
+            zs.append(torch.cat([cls[:, None], z], 1).reshape(-1, emb.shape[1]))
             present.append(torch.from_numpy(cells.held.astype(np.float32)).reshape(-1))
             all_cells.append(fused[:, 1:].reshape(-1, fused.shape[-1]))
     x, z = torch.cat(xs).double(), torch.cat(zs).double()

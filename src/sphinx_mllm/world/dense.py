@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sphinx_mllm.fusion import view_windows
 from sphinx_mllm.geometry import box_from_pixels, point_from_pixels
 from sphinx_mllm.world.scene import WorldImage
 from sphinx_mllm.world.vocab import COLOURS, LAYOUT_CLASSES, POSES, SHAPES, WORDS
@@ -94,15 +95,6 @@ def dense_objects(image: WorldImage) -> list[DenseObject]:
 def _box(px: Sequence[int], w: int, h: int) -> tuple[float, float, float, float]:
     b = box_from_pixels(px, w, h)
     return (b.x1, b.y1, b.x2, b.y2)
-
-
-def view_windows(view_grid: int) -> list[tuple[float, float, float]]:
-    """(x0, y0, side) of every view in the square frame, in the release's order: global, then raster."""
-    windows = [(0.0, 0.0, 1.0)]
-    for r in range(view_grid):
-        for c in range(view_grid):
-            windows.append((c / view_grid, r / view_grid, 1.0 / view_grid))
-    return windows
 
 
 TARGET_FIELDS: dict[str, int] = {
