@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sphinx_mllm.config import FusionGroup
-from sphinx_mllm.data.converters.common import typed_task
+from sphinx_mllm.data.converters.common import reading_order, typed_task
 from sphinx_mllm.fusion import box_phases, cell_centres
 from sphinx_mllm.geometry import box_from_pixels, format_box
 from sphinx_mllm.modeling import SphinxForConditionalGeneration
 from sphinx_mllm.processing import IGNORE_INDEX, SphinxProcessor
-from sphinx_mllm.tasks import RECTask, VQATask
+from sphinx_mllm.tasks import DetectionTask, RECTask, VQATask
 from sphinx_mllm.utils import SphinxError, get_logger
 from sphinx_mllm.world import dense
 from sphinx_mllm.world.canvas import LANDSCAPE_AND_PORTRAIT
@@ -211,7 +211,8 @@ def bare_caption(image: WorldImage, rng: random.Random, per_thing: int = 4, boxe
 def dense_dialog(image: WorldImage, rng: random.Random, per_type: int = 4, most: int = 8, boxes: bool = False
                  ) -> list[tuple[str, str]]:
     """Up to `most` distinct VQA and GQA questions of a scene (at most `per_type` of each type), as chat turns with
-    the tasks' own prompts; with `boxes`, also up to `per_type` REC questions (the REC task's prompts)."""
+    the tasks' own prompts; with `boxes`, also up to `per_type` REC and detection questions (their tasks' prompts),
+    at most a third of the dialog."""
     pool: list[tuple[str, Any]] = []
     if boxes:
         things = things_of(image)
@@ -221,6 +222,12 @@ def dense_dialog(image: WorldImage, rng: random.Random, per_type: int = 4, most:
             if expression is not None:
                 pool.append(("rec", rec.build(f"the {expression}", box_from_pixels(t.box, *image.size),
                                               seed=rng.randrange(1 << 30), key=expression)))
+        detection = typed_task("detection", DetectionTask)
+        kinds = sorted({t.noun for t in things})
+        for noun in rng.sample(kinds, min(per_type, len(kinds))):  # every box of a kind, in reading order
+            ordered = reading_order([(box_from_pixels(t.box, *image.size), t.box) for t in things if t.noun == noun])
+            pool.append(("detection", detection.build(noun, [b for b, _ in ordered], seed=rng.randrange(1 << 30),
+                                                      key=noun)))
     for task, candidates in (("vqa", vqa_candidates(image, rng)), ("gqa", gqa_candidates(image, rng))):
         for questions in candidates.values():
             seen: set[str] = set()
@@ -228,11 +235,17 @@ def dense_dialog(image: WorldImage, rng: random.Random, per_type: int = 4, most:
                 if q.text not in seen and len(seen) < per_type:
                     seen.add(q.text)
                     pool.append((task, q))
+    boxed = [p for p in pool if p[0] in ("rec", "detection")]
+    worded = [p for p in pool if p[0] not in ("rec", "detection")]
+    rng.shuffle(boxed)
+    rng.shuffle(worded)
+    pool = boxed[: most // 3] + worded  # box questions take up to a third of a dialog
+    pool = pool[:most]
     rng.shuffle(pool)
     turns: list[tuple[str, str]] = []
     for task, q in pool[:most]:
-        built = q if task == "rec" else typed_task(task, VQATask).build(q.text, q.answer, seed=rng.randrange(1 << 30),
-                                                                         key=q.text)
+        built = q if task in ("rec", "detection") else typed_task(task, VQATask).build(
+            q.text, q.answer, seed=rng.randrange(1 << 30), key=q.text)
         turns += [(t["from"], t["value"]) for t in built]
     return turns
 
