@@ -17,7 +17,6 @@ from sphinx_mllm.utils import SphinxError
 from sphinx_mllm.world.binding import (
     ASPECTS,
     LABEL_FIELDS,
-    BindingData,
     BindingPlan,
     LabelTokens,
     aspect_index,
@@ -175,24 +174,6 @@ def test_binding_trains_the_llm_and_not_the_encoders(processor: SphinxProcessor)
     assert not any(k.startswith(("fusion.projections.visual_proj.0.", "fusion.scorers.")) for k in changed)
 
 
-def test_length_pool_cuts_the_same_scenes_into_batches_that_pad_less(processor: SphinxProcessor) -> None:
-    model = _model(len(processor.tokenizer))
-    scenes = reading_scenes(0, {"shapes": 12, "people": 2, "signs": 2}, 448)
-    single = BindingData(model, processor, scenes, 3)
-    plain = [single.batch(4, False) for _ in range(4)]
-    pooled = BindingData(model, processor, scenes, 3).batches(4, False, 4)
-
-    def rows(batches: list[dict[str, torch.Tensor]]) -> list[tuple[tuple[int, ...], bytes, bytes]]:
-        """Each item's unpadded text with its scene's cell labels and boxes: they must travel together."""
-        return sorted((tuple(b["input_ids"][i][b["attention_mask"][i].bool()].tolist()),
-                       b["cell_labels"][i].numpy().tobytes(), b["boxes"][i].numpy().tobytes())
-                      for b in batches for i in range(len(b["input_ids"])))
-
-    assert len(pooled) == 4 and all(len(b["input_ids"]) == 4 for b in pooled)
-    assert rows(pooled) == rows(plain)  # the same 16 scenes' captions, regrouped
-    assert sum(b["input_ids"].numel() for b in pooled) < sum(b["input_ids"].numel() for b in plain)
-
-
 def test_cell_positions_start_from_the_words_of_where_the_cell_lies(processor: SphinxProcessor) -> None:
     """The global view's top-left cell and the first sub-view's (both "top left") start alike; the global view's
     top-left and bottom-right cells do not; the noise keeps two cells of one region apart."""
@@ -242,5 +223,3 @@ def test_fit_projector_recovers_a_linear_map_of_the_label_tokens(processor: Sphi
 def test_binding_plan_refuses_bad_sizes() -> None:
     with pytest.raises(SphinxError, match="bad binding plan"):
         BindingPlan(-1, 3)
-    with pytest.raises(SphinxError, match="length_pool >= 1"):
-        BindingPlan(3, 3, length_pool=0)

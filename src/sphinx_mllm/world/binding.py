@@ -255,10 +255,7 @@ def dense_dialog(image: WorldImage, rng: random.Random, per_type: int = 4, most:
 
 @dataclass(frozen=True)
 class BindingPlan:
-    """Steps of each phase, scenes per step, peak lr, warm-up steps.
-
-    `length_pool` batches are drawn together and cut by length, so that a batch pads little: bare captions vary in
-    length with the number of things (a batch of 32 is ~63% text otherwise) and the step's cost with its longest."""
+    """Steps of each phase, scenes per step, peak lr; `threads` for torch (None: leave as is)."""
 
     bare_steps: int = 400
     dialog_steps: int = 300
@@ -266,12 +263,10 @@ class BindingPlan:
     lr: float = 1e-3
     warmup: int = 20
     position_words: bool = True  # start the kept cells' position embeddings from their 3 x 3 position's words
-    length_pool: int = 4
 
     def __post_init__(self) -> None:
-        if (self.bare_steps < 0 or self.dialog_steps < 0 or self.batch_size < 1 or not self.lr > 0
-                or self.length_pool < 1):
-            raise SphinxError(f"bad binding plan {self}: steps >= 0, batch_size >= 1, lr > 0, length_pool >= 1")
+        if self.bare_steps < 0 or self.dialog_steps < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise SphinxError(f"bad binding plan {self}: steps >= 0, batch_size >= 1, lr > 0")
 
 
 def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -312,22 +307,10 @@ class BindingData:
         return ids, labels, cells
 
     def batch(self, size: int, dialog: bool) -> dict[str, torch.Tensor]:
-        return self.batches(size, dialog, 1)[0]
-
-    def batches(self, size: int, dialog: bool, pool: int) -> list[dict[str, torch.Tensor]]:
-        """`pool` batches of the next `size * pool` scenes, cut by text length (in a random order)."""
         items = []
-        for _ in range(size * pool):
+        for _ in range(size):
             items.append(self.item(self.scenes[self.next % len(self.scenes)], dialog))
             self.next += 1
-        if pool == 1:
-            return [self._collate(items)]
-        items.sort(key=lambda item: len(item[0]))
-        chunks = [items[k * size: (k + 1) * size] for k in range(pool)]
-        self.rng.shuffle(chunks)
-        return [self._collate(chunk) for chunk in chunks]
-
-    def _collate(self, items: list[tuple[list[int], list[int], SceneCells]]) -> dict[str, torch.Tensor]:
         ids, labels, mask = _batch([(i, lab) for i, lab, _ in items], self.processor.tokenizer.eos_token_id)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "cell_labels": torch.from_numpy(np.stack([c.labels for _, _, c in items])),
@@ -388,15 +371,10 @@ def train_binding(model: SphinxForConditionalGeneration, processor: SphinxProces
     model.train()
     losses: list[float] = []
     total, start = plan.bare_steps + plan.dialog_steps, time.perf_counter()
-    queue: list[dict[str, torch.Tensor]] = []
     for step in range(total):
         for g in opt.param_groups:
             g["lr"] = plan.lr * min(1.0, (step + 1) / max(1, plan.warmup))
-        if step == plan.bare_steps:
-            queue = []  # bare batches left over at the switch are dropped
-        if not queue:
-            queue = data.batches(plan.batch_size, step >= plan.bare_steps, plan.length_pool)
-        batch = queue.pop()
+        batch = data.batch(plan.batch_size, dialog=step >= plan.bare_steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = binding_loss(model, tokens, batch)
         loss.backward()
