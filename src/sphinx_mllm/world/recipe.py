@@ -193,6 +193,10 @@ PLANS: dict[str, RecipePlan] = {
         pack_max_tokens=512,
         caption_loss_items=16,
         shuffle_items=32,
+        # A fixed beta 0.5 met the mixing criterion in one fresh-clone CI run and missed the real domain by 0.02 in
+        # the next (same code, same machine): the default plan's grid, on 32 left-out training images' captions.
+        beta_grid=(0.5, 0.6, 0.7, 0.8),
+        validation_images=32,
     ),
 }
 
