@@ -512,5 +512,6 @@ def test_validation_captions_are_held_out_of_both_arms_caption_stages(
            for d in ("real", "synthetic")}
     assert ids["real"] == ids["synthetic"]
     # without a grid, the caption stages read the world's own mixtures and there is no validation split
-    plain = WorldRecipe(RecipeOptions(tmp_path / "plain", PLANS["quick"]), runner=lambda argv: None)
+    plain = WorldRecipe(RecipeOptions(tmp_path / "plain", replace(PLANS["quick"], beta_grid=())),
+                        runner=lambda argv: None)
     assert plain.arm_paths("sighted")["pretrain_real"] == plain.world / "mixtures" / "pretrain_real.yaml"
