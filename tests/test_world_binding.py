@@ -16,6 +16,7 @@ from sphinx_mllm.processing import SphinxProcessor, load_tokenizer
 from sphinx_mllm.utils import SphinxError
 from sphinx_mllm.world.binding import (
     ASPECTS,
+    GLOBAL_UNNAMED,
     LABEL_FIELDS,
     BindingPlan,
     LabelTokens,
@@ -28,7 +29,7 @@ from sphinx_mllm.world.binding import (
     train_binding,
     word_ids,
 )
-from sphinx_mllm.world.dense import cell_targets, dense_objects, view_windows
+from sphinx_mllm.world.dense import CATEGORIES, cell_targets, dense_objects, view_windows
 from sphinx_mllm.world.generate import WorldConfig, generate_world
 from sphinx_mllm.world.language import things_of
 from sphinx_mllm.world.reading import reading_scenes
@@ -73,6 +74,24 @@ def test_kept_cells_hold_every_object_centre_with_its_labels() -> None:
                 if c not in held:
                     assert not any(want)
     assert aspect_index((448, 252)) == ASPECTS.index((16, 9))
+
+
+def test_the_global_view_can_leave_shapes_unnamed() -> None:
+    """With `global_shapes=False` the global view's label tokens keep a shape's colour, size and box but not its kind
+    (its features do not tell shapes apart); by default they keep the kind, and the sub-images always do."""
+    named = {"global": set(), "sub": set(), "global_kept": set()}
+    for image in reading_scenes(2, {"shapes": 6, "people": 4}, 448):
+        objects = dense_objects(image)
+        plain = scene_cells(objects, image.size, 2, 7, 8, random.Random(0), global_shapes=False)
+        full = scene_cells(objects, image.size, 2, 7, 8, random.Random(0))
+        assert (plain.labels[1:] == full.labels[1:]).all() and (plain.labels[0, :, 1:] == full.labels[0, :, 1:]).all()
+        assert (plain.boxes[~np.isnan(plain.boxes)] == full.boxes[~np.isnan(full.boxes)]).all()
+        named["global"] |= set(plain.labels[0, :, 0].tolist())
+        named["global_kept"] |= set(full.labels[0, :, 0].tolist())
+        named["sub"] |= set(plain.labels[1:, :, 0].ravel().tolist())
+    person = CATEGORIES.index("person") + 1
+    assert person in named["global"] and not named["global"] & set(GLOBAL_UNNAMED)
+    assert set(GLOBAL_UNNAMED) <= named["global_kept"] and set(GLOBAL_UNNAMED) <= named["sub"]
 
 
 def test_kept_cells_carry_the_box_of_what_they_hold() -> None:

@@ -49,7 +49,7 @@ from sphinx_mllm.world.language import cell as cell_name
 from sphinx_mllm.world.language import refer, things_of
 from sphinx_mllm.world.questions import gqa_candidates, vqa_candidates
 from sphinx_mllm.world.scene import PAGE_RATIOS, WorldImage
-from sphinx_mllm.world.vocab import COLOURS, POSES, POSITIONS
+from sphinx_mllm.world.vocab import COLOURS, POSES, POSITIONS, SHAPES
 
 log = get_logger(__name__)
 
@@ -98,18 +98,30 @@ class SceneCells:
     boxes: np.ndarray
 
 
+GLOBAL_UNNAMED: tuple[int, ...] = tuple(dense.CATEGORIES.index(k) + 1 for k in SHAPES)
+"""Category classes the global view's label tokens leave out with `scene_cells(global_shapes=False)`
+(`BindingPlan.global_shapes`): the shapes. On the global view's 7 x 7 cells (64 px of the square, shapes at half
+size) the ConvNeXt tells shapes apart at chance (0.15; sub-images 0.96). Off by default: on two seeds it raised VQA
+and lowered detection (docs/world_report.md, twelfth round)."""
+
+
 def scene_cells(objects: Sequence[dense.DenseObject], size: tuple[int, int], view_grid: int, grid: int, keep: int,
-                rng: random.Random) -> SceneCells:
+                rng: random.Random, global_shapes: bool = True) -> SceneCells:
     """Per view: the cells that hold an object's centre (`dense.cell_targets`, raster order, the first `keep`), filled
-    up with random empty cells: what a perfect cell scorer would keep."""
+    up with random empty cells: what a perfect cell scorer would keep. With `global_shapes=False` the global
+    view's labels leave the shape categories out (`GLOBAL_UNNAMED`; colour, size and box stay)."""
     labels, cells, masks, boxes = [], [], [], []
-    for window in dense.view_windows(view_grid):
+    category = [key for key, _ in LABEL_FIELDS].index("thing/category")
+    for v, window in enumerate(dense.view_windows(view_grid)):
         t = dense.cell_targets(objects, window, grid)
         mask = (t["thing/present"][:, 0] > 0) | (t["word/present"][:, 0] > 0)
         held = np.nonzero(mask)[0].tolist()[:keep]
         empty = [c for c in range(grid * grid) if c not in held]
         chosen = sorted(held + rng.sample(empty, keep - len(held)))
-        labels.append(np.stack([t[key][chosen, 0] for key, _ in LABEL_FIELDS], -1))
+        lab = np.stack([t[key][chosen, 0] for key, _ in LABEL_FIELDS], -1)  # [keep, F]
+        if v == 0 and not global_shapes:
+            lab[np.isin(lab[:, category], GLOBAL_UNNAMED), category] = 0
+        labels.append(lab)
         cells.append(chosen)
         masks.append(mask)
         x0, y0, side = window
@@ -263,6 +275,7 @@ class BindingPlan:
     lr: float = 1e-3
     warmup: int = 20
     position_words: bool = True  # start the kept cells' position embeddings from their 3 x 3 position's words
+    global_shapes: bool = True  # the global view's label tokens name shapes (`GLOBAL_UNNAMED`, `scene_cells`)
 
     def __post_init__(self) -> None:
         if self.bare_steps < 0 or self.dialog_steps < 0 or self.batch_size < 1 or not self.lr > 0:
@@ -285,7 +298,7 @@ class BindingData:
     """Training items of both phases from a list of scenes (labels only), drawn in order, cycling."""
 
     def __init__(self, model: SphinxForConditionalGeneration, processor: SphinxProcessor,
-                 scenes: Sequence[WorldImage], seed: int) -> None:
+                 scenes: Sequence[WorldImage], seed: int, global_shapes: bool = True) -> None:
         if not scenes:
             raise SphinxError("binding needs at least one scene")
         group, grid = selecting_group(model)
@@ -294,10 +307,12 @@ class BindingData:
         self.view_grid = model.config.view_grid
         self.boxes = group.box_frequencies is not None  # box forms in both phases' texts
         self.rng = random.Random(seed)
+        self.global_shapes = global_shapes
         self.next = 0
 
     def item(self, image: WorldImage, dialog: bool) -> tuple[list[int], list[int], SceneCells]:
-        cells = scene_cells(dense.dense_objects(image), image.size, self.view_grid, self.grid, self.keep, self.rng)
+        cells = scene_cells(dense.dense_objects(image), image.size, self.view_grid, self.grid, self.keep, self.rng,
+                            self.global_shapes)
         if dialog:
             turns = dense_dialog(image, self.rng, boxes=self.boxes)
             if turns:
@@ -361,7 +376,7 @@ def train_binding(model: SphinxForConditionalGeneration, processor: SphinxProces
     tokens = LabelTokens(model, tokenize)
     if plan.position_words:
         init_cell_positions(model, tokenize, seed=seed)
-    data = BindingData(model, processor, scenes, seed)
+    data = BindingData(model, processor, scenes, seed, plan.global_shapes)
     assert model.fusion is not None
     group = tokens.group
     fusion_params = [*model.fusion.projections[group.name][1].parameters(), model.fusion.cell_pos[group.name],
@@ -404,14 +419,14 @@ class ProjectorFit:
 
 def fit_projector(model: SphinxForConditionalGeneration, tokens: LabelTokens,
                   features: Sequence[dict[str, torch.Tensor]], images: Sequence[WorldImage], seed: int = 0,
-                  ridge: float = 10.0, scorer_steps: int = 100) -> ProjectorFit:
+                  ridge: float = 10.0, scorer_steps: int = 100, global_shapes: bool = True) -> ProjectorFit:
     """Set the projection's Linear so that real features land on the label tokens, and the cell scorer to the cells
     that hold an object.
 
     `features[i]` are image i's cached encoder outputs ({encoder: [V, T, C]}). The projection is a ridge regression
     (on standardised channels, folded back) from each view's CLS and label-kept cells to their pre-LayerNorm label
     tokens; the scorer a logistic regression of "holds an object" on every cell. A constant (blank) cache gives the
-    mean token.
+    mean token. `global_shapes` as in `scene_cells` (the binding plan's).
     """
     if len(features) != len(images) or not images:
         raise SphinxError(f"fit_projector needs one feature set per image, got {len(features)} and {len(images)}")
@@ -423,7 +438,8 @@ def fit_projector(model: SphinxForConditionalGeneration, tokens: LabelTokens,
     with torch.no_grad():
         for feats, image in zip(features, images):
             fused = model.fusion.group_tokens(group, grid, {k: v.float() for k, v in feats.items()})  # [V, 1+G*G, C]
-            cells = scene_cells(dense.dense_objects(image), image.size, model.config.view_grid, grid, group.keep, rng)
+            cells = scene_cells(dense.dense_objects(image), image.size, model.config.view_grid, grid, group.keep, rng,
+                                global_shapes)
             v = fused.shape[0]
             lab = torch.from_numpy(cells.labels)
             kept = model.fusion.keep_cells(fused, torch.from_numpy(cells.cells))  # [V, 1 + keep, C]
@@ -464,6 +480,6 @@ def fit_projector(model: SphinxForConditionalGeneration, tokens: LabelTokens,
     return ProjectorFit(r2=r2, scorer_accuracy=accuracy, cells=len(x))
 
 
-__all__ = ["ASPECTS", "LABEL_FIELDS", "BindingData", "BindingPlan", "LabelTokens", "ProjectorFit", "SceneCells",
-           "aspect_index", "bare_caption", "binding_loss", "dense_dialog", "fit_projector", "init_cell_positions",
-           "scene_cells", "selecting_group", "train_binding", "word_ids"]
+__all__ = ["ASPECTS", "GLOBAL_UNNAMED", "LABEL_FIELDS", "BindingData", "BindingPlan", "LabelTokens", "ProjectorFit",
+           "SceneCells", "aspect_index", "bare_caption", "binding_loss", "dense_dialog", "fit_projector",
+           "init_cell_positions", "scene_cells", "selecting_group", "train_binding", "word_ids"]

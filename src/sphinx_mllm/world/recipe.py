@@ -778,7 +778,9 @@ class WorldRecipe:
         else:
             blank = cache.features_for_image(str(self.arm_paths(arm)["images"] / BLANK_IMAGE))
             feats = [blank] * len(images)
-        fit = fit_projector(model, tokens, feats, images, seed=self.o.seed)
+        assert self.plan.binding is not None
+        fit = fit_projector(model, tokens, feats, images, seed=self.o.seed,
+                            global_shapes=self.plan.binding.global_shapes)
         out = self.arm_dir(arm) / "fit"
         model.save_pretrained(out)
         processor.save_pretrained(out)
