@@ -101,8 +101,8 @@ class SceneCells:
 GLOBAL_UNNAMED: tuple[int, ...] = tuple(dense.CATEGORIES.index(k) + 1 for k in SHAPES)
 """Category classes the global view's label tokens leave out with `scene_cells(global_shapes=False)`
 (`BindingPlan.global_shapes`): the shapes. On the global view's 7 x 7 cells (64 px of the square, shapes at half
-size) the ConvNeXt tells shapes apart at chance (0.15; sub-images 0.96). Off by default: on two seeds it raised VQA
-and lowered detection (docs/world_report.md, twelfth round)."""
+size) the ConvNeXt tells shapes apart at chance (0.15; sub-images 0.96). The recipe's default plan does this: on two
+seeds it raised VQA, GQA and detection (docs/world_report.md, twelfth round)."""
 
 
 def scene_cells(objects: Sequence[dense.DenseObject], size: tuple[int, int], view_grid: int, grid: int, keep: int,
