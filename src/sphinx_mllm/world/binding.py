@@ -103,6 +103,8 @@ GLOBAL_UNNAMED: tuple[int, ...] = tuple(dense.CATEGORIES.index(k) + 1 for k in S
 (`BindingPlan.global_shapes`): the shapes. On the global view's 7 x 7 cells (64 px of the square, shapes at half
 size) the ConvNeXt tells shapes apart at chance (0.15; sub-images 0.96). The recipe's default plan does this: on two
 seeds it raised VQA, GQA and detection (docs/world_report.md, twelfth round)."""
+_CATEGORY_FIELD = [key for key, _ in LABEL_FIELDS].index("thing/category")
+"""Column of the category in a `SceneCells.labels` row."""
 
 
 def scene_cells(objects: Sequence[dense.DenseObject], size: tuple[int, int], view_grid: int, grid: int, keep: int,
@@ -111,7 +113,6 @@ def scene_cells(objects: Sequence[dense.DenseObject], size: tuple[int, int], vie
     up with random empty cells: what a perfect cell scorer would keep. With `global_shapes=False` the global
     view's labels leave the shape categories out (`GLOBAL_UNNAMED`; colour, size and box stay)."""
     labels, cells, masks, boxes = [], [], [], []
-    category = [key for key, _ in LABEL_FIELDS].index("thing/category")
     for v, window in enumerate(dense.view_windows(view_grid)):
         t = dense.cell_targets(objects, window, grid)
         mask = (t["thing/present"][:, 0] > 0) | (t["word/present"][:, 0] > 0)
@@ -120,7 +121,7 @@ def scene_cells(objects: Sequence[dense.DenseObject], size: tuple[int, int], vie
         chosen = sorted(held + rng.sample(empty, keep - len(held)))
         lab = np.stack([t[key][chosen, 0] for key, _ in LABEL_FIELDS], -1)  # [keep, F]
         if v == 0 and not global_shapes:
-            lab[np.isin(lab[:, category], GLOBAL_UNNAMED), category] = 0
+            lab[np.isin(lab[:, _CATEGORY_FIELD], GLOBAL_UNNAMED), _CATEGORY_FIELD] = 0
         labels.append(lab)
         cells.append(chosen)
         masks.append(mask)
